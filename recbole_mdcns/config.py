@@ -1,0 +1,118 @@
+"""RecBole ``Config`` plus per-sampler defaults, and validation before any data is loaded."""
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+
+import torch
+import yaml
+from recbole.config import Config
+from recbole.utils import ModelType
+
+NEG_SAMPLERS = ("recbole", "uniform", "popularity", "dns")
+NEG_LOSSES = ("bpr", "bce")
+CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
+# No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
+# CORE is CE-only, the CPR models exit when given BPR.
+NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
+
+
+def sampler_yaml(name: str) -> str:
+    """Path of ``config_yamls/<name>.yaml`` as installed with the package."""
+    return str(resources.files("recbole_mdcns.config_yamls").joinpath(f"{name}.yaml"))
+
+
+def requested_sampler(config_file_list=None, config_dict=None) -> str:
+    """The ``neg_sampler`` the user asked for, by RecBole's priority: dict, command line, files."""
+    if config_dict and "neg_sampler" in config_dict:
+        return config_dict["neg_sampler"]
+    for arg in sys.argv[1:]:
+        if arg.startswith("--neg_sampler="):
+            return arg.split("=", 1)[1]
+    name = None
+    for path in config_file_list or []:
+        with open(path) as f:
+            name = (yaml.safe_load(f) or {}).get("neg_sampler", name)
+    return name
+
+
+def create_config(model=None, dataset=None, config_file_list=None, config_dict=None) -> Config:
+    """RecBole's ``Config`` with the chosen sampler's defaults merged under the user's values.
+
+    Without ``neg_sampler`` (or with ``neg_sampler: recbole``) this is RecBole's
+    own ``Config``, untouched.
+    """
+    files = list(config_file_list or [])
+    name = requested_sampler(files, config_dict)
+    if name in (None, "recbole", "None"):
+        config = Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
+        config["neg_sampler"] = "recbole"
+        return config
+    if name not in NEG_SAMPLERS:
+        raise ValueError(f"neg_sampler must be one of {list(NEG_SAMPLERS)}, got {name!r}")
+    defaults = [sampler_yaml("base"), sampler_yaml(name)]
+    config = Config(model=model, dataset=dataset, config_file_list=defaults + files, config_dict=config_dict)
+    validate(config)
+    _resolve_device(config)
+    return config
+
+
+def _check_choice(config: Config, key: str, choices) -> None:
+    if config[key] not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {config[key]!r}")
+
+
+def _check_int(config: Config, key: str, low: int, high: float = float("inf")) -> None:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Check every sampler key; raises ``ValueError`` naming the key and its valid values."""
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise ValueError(f"neg_sampler works with RecBole's sequential models; {config['model']} is not one")
+    if config["model"] in NO_BPR_MODELS:
+        raise ValueError(
+            f"model {config['model']} has no sampled-negative (BPR) mode in RecBole; "
+            f"use neg_sampler=recbole for it, or another model (not one of {list(NO_BPR_MODELS)})"
+        )
+    if config["loss_type"] != "BPR":
+        raise ValueError(
+            f"neg_sampler={config['neg_sampler']} trains on sampled negatives: loss_type must be 'BPR' "
+            f"(got {config['loss_type']!r}); choose the loss over negatives with neg_loss, one of {list(NEG_LOSSES)}"
+        )
+    _check_choice(config, "neg_loss", NEG_LOSSES)
+    _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
+    _check_int(config, "candidate_num", 1)
+    _check_int(config, "top_m", 1, config["candidate_num"])
+    inter = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+    if not os.path.isfile(inter):
+        raise ValueError(
+            f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the "
+            "folder that holds <dataset>/<dataset>.inter (ml-100k ships with RecBole)"
+        )
+
+
+def check_catalogue(config: Config, dataset) -> None:
+    """Checks that need the item count: the pool must fit in the catalogue."""
+    if config["neg_sampler"] == "recbole":
+        return
+    n_items = dataset.item_num - 1
+    if config["candidate_num"] > n_items:
+        raise ValueError(
+            f"candidate_num must be in [1, {n_items}] (the number of items in {config['dataset']}), "
+            f"got {config['candidate_num']}"
+        )
+
+
+def _resolve_device(config: Config) -> None:
+    """One device for Lightning and RecBole's evaluation. ``accelerator: auto`` means the GPU
+    only when RecBole would use one (``gpu_id`` non-empty, CUDA present) and ``use_gpu`` is not False."""
+    accelerator = config["accelerator"]
+    if accelerator == "auto":
+        cuda = config["device"].type == "cuda" and config["use_gpu"] is not False
+        accelerator = "gpu" if cuda else "cpu"
+    config["accelerator"] = accelerator
+    config["device"] = torch.device("cpu" if accelerator == "cpu" else "cuda")

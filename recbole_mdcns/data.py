@@ -1,0 +1,120 @@
+"""Candidate pools: a RecBole ``Sampler`` and a ``TrainDataLoader`` that attach them to batches.
+
+Each training row (sequence, target) gets ``candidate_num`` items drawn from the
+items its user never interacted with in training (MDCNS Eq. 2), as a ``[B, N]``
+tensor under the field :data:`CANDIDATES`. Rows are not repeated per candidate.
+Draws are independent (with replacement), like RecBole's own samplers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from recbole.data.dataloader import TrainDataLoader
+from recbole.data.interaction import Interaction
+from recbole.sampler import Sampler
+
+CANDIDATES = "candidate_items"
+_REJECTION_ROUNDS = 20
+
+
+class CandidatePoolSampler(Sampler):
+    """Vectorised uniform / popularity sampling that excludes each user's training items.
+
+    ``used_ids`` is a sorted int64 tensor of keys ``user * item_num + item`` for
+    every (user, item) seen in training, the first items of sequences included.
+    Rejection sampling runs a bounded number of rounds; rows still rejected after
+    that are drawn exactly from their user's complement. A user with no item left
+    to sample raises ``ValueError`` when the sampler is built.
+    """
+
+    def __init__(self, train_dataset, distribution: str = "uniform", alpha: float = 1.0) -> None:
+        self.item_seq_field = train_dataset.config["ITEM_ID_FIELD"] + train_dataset.config["LIST_SUFFIX"]
+        self.generator = torch.Generator().manual_seed(train_dataset.config["seed"])
+        super().__init__(["train"], [train_dataset], distribution, alpha)
+
+    def get_used_ids(self) -> torch.Tensor:
+        inter = self.datasets[0].inter_feat
+        users, targets = inter[self.uid_field].long(), inter[self.iid_field].long()
+        seqs = inter[self.item_seq_field].long()
+        seq_users = users.unsqueeze(1).expand_as(seqs)[seqs > 0]
+        keys = torch.cat([users * self.item_num + targets, seq_users * self.item_num + seqs[seqs > 0]])
+        keys = torch.unique(keys)
+        counts = torch.bincount(keys // self.item_num, minlength=self.user_num)
+        full = (counts >= self.item_num - 1).nonzero().flatten()
+        if len(full) > 0:
+            raise ValueError(
+                f"users {full[:5].tolist()} interacted with every item in training, so no negative "
+                "can be drawn for them; filter them with `user_inter_num_interval`."
+            )
+        return keys
+
+    def _build_alias_table(self) -> None:
+        counts = torch.bincount(
+            torch.as_tensor(np.asarray(self._get_candidates_list()), dtype=torch.long), minlength=self.item_num
+        ).double()
+        counts[0] = 0
+        self.item_weights = counts.pow(self.alpha)
+
+    def _draw(self, size: int) -> torch.Tensor:
+        if self.distribution == "popularity":
+            return torch.multinomial(self.item_weights, size, replacement=True, generator=self.generator)
+        return torch.randint(1, self.item_num, (size,), generator=self.generator)
+
+    def _is_used(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        keys = users * self.item_num + items
+        pos = torch.searchsorted(self.used_ids, keys).clamp_(max=len(self.used_ids) - 1)
+        return self.used_ids[pos] == keys
+
+    def _complement(self, user: int) -> torch.Tensor:
+        lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))
+        allowed = torch.ones(self.item_num, dtype=torch.bool)
+        allowed[0] = False
+        allowed[self.used_ids[lo:hi] - user * self.item_num] = False
+        return allowed.nonzero().flatten()
+
+    def sample_pool(self, user_ids: torch.Tensor, num: int) -> torch.Tensor:
+        """``[B, num]`` items none of which the row's user interacted with in training."""
+        users = user_ids.long().unsqueeze(1).expand(-1, num).reshape(-1)
+        items = self._draw(len(users))
+        todo = self._is_used(users, items).nonzero().flatten()
+        for _ in range(_REJECTION_ROUNDS):
+            if len(todo) == 0:
+                break
+            items[todo] = self._draw(len(todo))
+            todo = todo[self._is_used(users[todo], items[todo])]
+        for user in users[todo].unique().tolist():
+            rows = todo[users[todo] == user]
+            allowed = self._complement(user)
+            if self.distribution == "popularity" and self.item_weights[allowed].sum() > 0:
+                pick = torch.multinomial(self.item_weights[allowed], len(rows), True, generator=self.generator)
+            else:
+                pick = torch.randint(len(allowed), (len(rows),), generator=self.generator)
+            items[rows] = allowed[pick]
+        return items.view(-1, num)
+
+    def sample_by_key_ids(self, key_ids, num: int) -> torch.Tensor:
+        """RecBole's layout (all rows' first sample, then all second samples, ...)."""
+        return self.sample_pool(torch.as_tensor(np.asarray(key_ids)), num).t().reshape(-1)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+
+class CandidateTrainDataLoader(TrainDataLoader):
+    """RecBole's training loader, plus a ``[B, candidate_num]`` candidate pool per batch."""
+
+    def __init__(self, config, dataset, sampler: CandidatePoolSampler, shuffle: bool = False) -> None:
+        self.candidate_num = config["candidate_num"]
+        super().__init__(config, dataset, sampler, shuffle=shuffle)
+
+    def _neg_sampling(self, inter: Interaction) -> Interaction:
+        users = inter[self._dataset.uid_field]
+        inter.update(Interaction({CANDIDATES: self._sampler.sample_pool(users, self.candidate_num)}))
+        return inter
+
+
+def candidate_train_loader(config, train_data: TrainDataLoader) -> CandidateTrainDataLoader:
+    """Replace the loader RecBole built with one that draws candidate pools."""
+    dataset = train_data._dataset
+    sampler = CandidatePoolSampler(dataset, config["candidate_distribution"], config["candidate_alpha"])
+    return CandidateTrainDataLoader(config, dataset, sampler, shuffle=config["shuffle"])

@@ -1,0 +1,83 @@
+"""LightningModules: the models, the scorer, the negative strategy and the loss."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from recbole.data.interaction import Interaction
+
+from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.losses import LOSSES
+from recbole_mdcns.scoring import Scorer, build_scorer
+from recbole_mdcns.strategies import TopMNegative
+
+_VERIFY_COLUMNS = 4
+
+
+class NegativeSamplingModule(pl.LightningModule):
+    """Trains one RecBole model on sampled negatives; subclasses define :meth:`training_loss`.
+
+    The optimizer is the one RecBole's trainer built (``learner``, ``learning_rate``,
+    ``weight_decay``), so RecBole checkpoints hold its state as usual.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.loss_fn = LOSSES[config["neg_loss"]]
+        self.scorers: dict[str, Scorer] = {}
+        self.epoch_loss = 0.0
+
+    def scorer_for(self, name: str, model: torch.nn.Module, batch: Interaction) -> Scorer:
+        """The scorer of ``model``, chosen and verified on the first batch it sees."""
+        if name not in self.scorers:
+            items = torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES][:, :_VERIFY_COLUMNS]], 1)
+            self.scorers[name] = build_scorer(model, batch, items)
+        return self.scorers[name]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def transfer_batch_to_device(self, batch: Interaction, device: torch.device, dataloader_idx: int) -> Interaction:
+        return batch.to(device)
+
+    def training_loss(self, batch: Interaction) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.epoch_loss += loss.item()
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def pop_epoch_loss(self) -> float:
+        """Sum of this epoch's batch losses (RecBole's ``train loss``), then reset."""
+        loss, self.epoch_loss = self.epoch_loss, 0.0
+        return loss
+
+
+class DNSModule(NegativeSamplingModule):
+    """``uniform``, ``popularity`` and ``dns``: score the pool, take one of the top-M.
+
+    Candidate scores for the selection need no gradient; only the positive and
+    the chosen negative are scored with one, from the same encoding.
+    """
+
+    def __init__(self, model, optimizer, config) -> None:
+        super().__init__(model, optimizer, config)
+        self.strategy = TopMNegative(config["top_m"])
+
+    def training_loss(self, batch: Interaction) -> torch.Tensor:
+        candidates = batch[CANDIDATES]
+        scorer = self.scorer_for("self", self.model, batch)
+        h = scorer.encode(self.model, batch)
+        if candidates.shape[1] > 1:
+            with torch.no_grad():
+                picked = self.strategy.select(scorer.score(self.model, batch, h, candidates))
+            negatives = candidates.gather(1, picked.unsqueeze(1))
+        else:
+            negatives = candidates
+        items = torch.cat([batch[self.model.POS_ITEM_ID].unsqueeze(1), negatives], 1)
+        scores = scorer.score(self.model, batch, h, items)
+        return self.loss_fn(scores[:, 0], scores[:, 1])

@@ -1,0 +1,85 @@
+"""``run_recbole`` as in ``recbole.quick_start``, with ``neg_sampler`` switching the sampler."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from logging import getLogger
+
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from recbole.data import create_dataset, data_preparation
+from recbole.data.transform import construct_transform
+from recbole.utils import get_environment, get_flops, get_model, get_trainer, init_logger, init_seed, set_color
+
+from recbole_mdcns.config import check_catalogue, create_config
+from recbole_mdcns.data import candidate_train_loader
+from recbole_mdcns.trainer import NegSamplingTrainer
+
+
+def _init_logger(config) -> None:
+    """RecBole's logger on rank 0; other ranks only print warnings and write no log file."""
+    if rank_zero_only.rank == 0:
+        init_logger(config)
+    else:
+        logging.basicConfig(level=logging.WARNING)
+        config["show_progress"] = False
+
+
+def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None) -> dict:
+    """Train and test ``model`` on ``dataset``; same arguments and result as RecBole's ``run_recbole``.
+
+    ``config_dict`` / YAML / ``--neg_sampler=NAME`` picks the sampler; without it,
+    or with ``neg_sampler: recbole``, RecBole's own trainer runs untouched.
+    """
+    config = create_config(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    _init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    check_catalogue(config, dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    ours = config["neg_sampler"] != "recbole"
+    if ours:
+        train_data = candidate_train_loader(config, train_data)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    flops = get_flops(model, dataset, config["device"], logger, construct_transform(config))
+    logger.info(set_color("FLOPs", "blue") + f": {flops}")
+
+    trainer_class = NegSamplingTrainer if ours else get_trainer(config["MODEL_TYPE"], config["model"])
+    trainer = trainer_class(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+    if queue is not None and rank_zero_only.rank == 0:
+        queue.put(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m recbole_mdcns``: RecBole's ``run_recbole.py`` flags plus ``--neg_sampler=NAME``."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", "-m", type=str, default="BPR", help="name of models")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of datasets")
+    parser.add_argument("--config_files", type=str, default=None, help="config files (space-separated)")
+    args, _ = parser.parse_known_args(argv)
+    files = args.config_files.strip().split(" ") if args.config_files else None
+    return run_recbole(model=args.model, dataset=args.dataset, config_file_list=files)

@@ -1,0 +1,34 @@
+"""Negative selection strategies: small, model-free units over ``[B, N]`` score tensors.
+
+Each strategy maps candidate scores to one pool index per row (``[B]`` long).
+They never see the model, the data or the loop, so they compose and test alone.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def uniform_pick(num_rows: int, num_choices: int, generator: torch.Generator | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """One index in ``[0, num_choices)`` per row, uniformly."""
+    return torch.randint(num_choices, (num_rows,), generator=generator, device=device)
+
+
+class TopMNegative:
+    """DNS(M, N): one candidate drawn uniformly from the top-``m`` scored (M = 1: classic DNS).
+
+    With ``m == N`` it is uniform over the pool; with ``N == 1`` it returns the only candidate.
+    """
+
+    def __init__(self, m: int = 1) -> None:
+        if m < 1:
+            raise ValueError(f"top_m must be >= 1, got {m}")
+        self.m = m
+
+    def select(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        m = min(self.m, scores.shape[1])
+        if m == 1:
+            return scores.argmax(1)
+        top = scores.topk(m, dim=1).indices
+        pick = uniform_pick(len(scores), m, generator, scores.device)
+        return top.gather(1, pick.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,179 @@
+"""RecBole Trainer subclass whose ``fit`` hands the loop to a PyTorch Lightning Trainer."""
+from __future__ import annotations
+
+import contextlib
+import os
+from time import time
+
+import pytorch_lightning as pl
+import recbole.trainer.trainer as recbole_trainer
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from recbole.trainer import Trainer
+from recbole.utils import dict2str, early_stopping, set_color
+from torch.utils.data import DataLoader, DistributedSampler
+
+from recbole_mdcns.lightning_module import DNSModule, NegativeSamplingModule
+
+MODULES: dict[str, type[NegativeSamplingModule]] = {
+    "uniform": DNSModule,
+    "popularity": DNSModule,
+    "dns": DNSModule,
+}
+
+
+class _NullWriter:
+    """TensorBoard writer for ranks other than 0, which write no files."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _tensorboard_on_rank_zero():
+    original = recbole_trainer.get_tensorboard
+    if rank_zero_only.rank != 0:
+        recbole_trainer.get_tensorboard = lambda logger: _NullWriter()
+    try:
+        yield
+    finally:
+        recbole_trainer.get_tensorboard = original
+
+
+class RecBoleTrainData(pl.LightningDataModule):
+    """RecBole's training loader, re-batched per rank: the index sampler is Lightning-aware,
+    batches still come from RecBole's ``collate_fn`` (dataset rows, transforms, candidate pools)."""
+
+    def __init__(self, train_data, seed: int) -> None:
+        super().__init__()
+        self.train_data = train_data
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        indices = range(self.train_data.sample_size)
+        sampler = DistributedSampler(indices, num_replicas=world, rank=rank,
+                                     shuffle=self.train_data.shuffle, seed=self.seed)
+        return DataLoader(indices, batch_size=max(1, self.train_data.step // world), sampler=sampler,
+                          collate_fn=self.train_data.collate_fn, num_workers=self.train_data.config["worker"])
+
+
+class RecBoleEpochEnd(pl.Callback):
+    """RecBole's per-epoch bookkeeping as Lightning hooks: per-epoch reseeding, RecBole's
+    log lines, full-sort validation every ``eval_step`` epochs, RecBole's early stopping on
+    ``valid_metric`` / ``stopping_step``, and the best model saved in RecBole's format."""
+
+    def __init__(self, trainer: "NegSamplingTrainer", train_data, valid_data, verbose: bool,
+                 saved: bool, callback_fn=None) -> None:
+        self.rb = trainer
+        self.train_data, self.valid_data = train_data, valid_data
+        self.verbose, self.saved, self.callback_fn = verbose, saved, callback_fn
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Each epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
+        # draws the same candidates, negatives and dropout masks as an uninterrupted one.
+        seed = (self.rb.config["seed"] * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % 2**62
+        torch.manual_seed(seed)
+        self.train_data._sampler.reseed(seed + 1)
+        self.started = time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: NegativeSamplingModule) -> None:
+        rb, epoch = self.rb, trainer.current_epoch
+        loss = module.pop_epoch_loss()
+        rb.train_loss_dict[epoch] = loss
+        if self.verbose:
+            rb.logger.info(rb._generate_train_loss_output(epoch, self.started, time(), loss))
+        rb._add_train_loss_to_tensorboard(epoch, loss)
+        if rb.eval_step <= 0 or not self.valid_data:
+            if self.saved and trainer.is_global_zero:
+                rb._save_checkpoint(epoch, verbose=self.verbose)
+            return
+        if (epoch + 1) % rb.eval_step:
+            return
+        valid_start = time()
+        score, result = rb._valid_epoch(self.valid_data)
+        rb.best_valid_score, rb.cur_step, stop, update = early_stopping(
+            score, rb.best_valid_score, rb.cur_step, max_step=rb.stopping_step, bigger=rb.valid_metric_bigger
+        )
+        if self.verbose:
+            rb.logger.info(
+                (set_color("epoch %d evaluating", "green") + " [" + set_color("time", "blue") + ": %.2fs, "
+                 + set_color("valid_score", "blue") + ": %f]") % (epoch, time() - valid_start, score)
+            )
+            rb.logger.info(set_color("valid result", "blue") + ": \n" + dict2str(result))
+        rb.tensorboard.add_scalar("Vaild_score", score, epoch)
+        module.log("valid_score", score, prog_bar=True)
+        module.train()
+        if update:
+            if self.saved and trainer.is_global_zero:
+                rb._save_checkpoint(epoch, verbose=self.verbose)
+            rb.best_valid_result = result
+        if self.callback_fn:
+            self.callback_fn(epoch, score)
+        if stop:
+            if self.verbose:
+                rb.logger.info("Finished training, best eval result in epoch %d" % (epoch - rb.cur_step * rb.eval_step))
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        rb = self.rb
+        return {"best_valid_score": rb.best_valid_score, "cur_step": rb.cur_step,
+                "best_valid_result": rb.best_valid_result, "train_loss_dict": rb.train_loss_dict,
+                "saved_model_file": rb.saved_model_file}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self.rb, key, value)
+
+
+class NegSamplingTrainer(Trainer):
+    """RecBole's ``Trainer`` for ``neg_sampler`` runs: ``fit`` runs on Lightning,
+    ``evaluate`` is RecBole's full-sort evaluation of the (self) model."""
+
+    def __init__(self, config, model) -> None:
+        with _tensorboard_on_rank_zero():
+            super().__init__(config, model)
+        stem = os.path.splitext(self.saved_model_file)[0]
+        self.lightning_dir = f"{stem}-lightning"
+        self.lightning_trainer: pl.Trainer | None = None
+
+    def build_module(self) -> NegativeSamplingModule:
+        return MODULES[self.config["neg_sampler"]](self.model, self.optimizer, self.config)
+
+    def _lightning_trainer(self, callbacks: list[pl.Callback], show_progress: bool) -> pl.Trainer:
+        config = self.config
+        clip = config["clip_grad_norm"] or {}
+        return pl.Trainer(
+            max_epochs=self.epochs,
+            accelerator=config["accelerator"],
+            devices=config["devices"],
+            strategy=config["strategy"],
+            num_nodes=config["num_nodes"],
+            precision=config["precision"],
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=bool(show_progress),
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            gradient_clip_val=clip.get("max_norm"),
+            default_root_dir=self.checkpoint_dir,
+        )
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.eval_collector.data_collect(train_data)
+        module = self.build_module()
+        callbacks = [
+            RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn),
+            ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0),
+        ]
+        lit = self.lightning_trainer = self._lightning_trainer(callbacks, show_progress)
+        lit.fit(module, datamodule=RecBoleTrainData(train_data, self.config["seed"]),
+                ckpt_path=self.config["resume_from"])
+        self.device = module.device
+        self.saved_model_file = lit.strategy.broadcast(self.saved_model_file, src=0)
+        if lit.is_global_zero:
+            self._add_hparam_to_tensorboard(self.best_valid_score)
+        return self.best_valid_score, self.best_valid_result
