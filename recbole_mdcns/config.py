@@ -10,7 +10,9 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
-NEG_SAMPLERS = ("recbole", "uniform", "popularity", "dns")
+from recbole_mdcns.methods import METHODS, method_module
+
+NEG_SAMPLERS = ("recbole", *METHODS)
 NEG_LOSSES = ("bpr", "bce")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
@@ -93,6 +95,7 @@ def validate(config: Config) -> None:
             f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the "
             "folder that holds <dataset>/<dataset>.inter (ml-100k ships with RecBole)"
         )
+    method_module(config["neg_sampler"]).validate_config(config)
 
 
 def check_catalogue(config: Config, dataset) -> None:

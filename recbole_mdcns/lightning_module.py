@@ -36,6 +36,13 @@ class NegativeSamplingModule(pl.LightningModule):
             self.scorers[name] = build_scorer(model, batch, items)
         return self.scorers[name]
 
+    @staticmethod
+    def validate_config(config) -> None:
+        """Check this method's own config keys; raise ``ValueError`` naming the key and valid values."""
+
+    def after_validation(self, trainer, valid_data) -> None:
+        """Called after each validation of the self model (e.g. to also report a peer)."""
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer
 

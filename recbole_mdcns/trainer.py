@@ -14,13 +14,8 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, early_stopping, set_color
 from torch.utils.data import DataLoader, DistributedSampler
 
-from recbole_mdcns.lightning_module import DNSModule, NegativeSamplingModule
-
-MODULES: dict[str, type[NegativeSamplingModule]] = {
-    "uniform": DNSModule,
-    "popularity": DNSModule,
-    "dns": DNSModule,
-}
+from recbole_mdcns.lightning_module import NegativeSamplingModule
+from recbole_mdcns.methods import method_module
 
 
 class _NullWriter:
@@ -105,6 +100,7 @@ class RecBoleEpochEnd(pl.Callback):
             rb.logger.info(set_color("valid result", "blue") + ": \n" + dict2str(result))
         rb.tensorboard.add_scalar("Vaild_score", score, epoch)
         module.log("valid_score", score, prog_bar=True)
+        module.after_validation(rb, self.valid_data)
         module.train()
         if update:
             if self.saved and trainer.is_global_zero:
@@ -140,7 +136,7 @@ class NegSamplingTrainer(Trainer):
         self.lightning_trainer: pl.Trainer | None = None
 
     def build_module(self) -> NegativeSamplingModule:
-        return MODULES[self.config["neg_sampler"]](self.model, self.optimizer, self.config)
+        return method_module(self.config["neg_sampler"])(self.model, self.optimizer, self.config)
 
     def _lightning_trainer(self, callbacks: list[pl.Callback], show_progress: bool) -> pl.Trainer:
         config = self.config
