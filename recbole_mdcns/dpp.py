@@ -4,7 +4,8 @@ Conventions shared by every function in this module:
 
 * ``L`` is a symmetric PSD kernel of shape ``[m, m]`` or ``[b, m, m]`` (only its
   lower triangle is read by the eigendecomposition). Any float dtype and device
-  is accepted; computations run in float64 on ``L``'s device.
+  is accepted; ``eigh`` runs in ``L``'s dtype, everything after it in float64,
+  all on ``L``'s device.
 * ``mask`` (optional, ``[m]`` or ``[b, m]`` bool) marks the valid items of a
   ragged set. Rows/columns of ``L`` outside the mask are treated as zero, so
   padded items carry zero-eigenvalue directions and are never returned.
@@ -44,16 +45,11 @@ def _prepare(
     return L, k.contiguous(), mask, unbatched
 
 
-def _eig(L: torch.Tensor, rtol: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of batched ``L`` (decomposed in its dtype, returned as float64);
-    eigenvalues at or below ``rtol * max`` are set to 0."""
-    m = L.shape[-1]
-    if rtol is None:
-        rtol = m * torch.finfo(L.dtype).eps
-    lam, vec = (t.to(torch.float64) for t in torch.linalg.eigh(L))
-    lam = lam.clamp_min(0.0)
-    lam = torch.where(lam > rtol * lam[:, -1:], lam, torch.zeros_like(lam))
-    return lam, vec
+def _clean_eigvals(lam: torch.Tensor, rtol: Optional[float], dtype: torch.dtype) -> torch.Tensor:
+    """Ascending eigenvalues ``[b, m]`` as float64, those ``<= rtol * max`` (default ``m * eps(dtype)``) set to 0."""
+    rtol = lam.shape[-1] * torch.finfo(dtype).eps if rtol is None else rtol
+    lam = lam.to(torch.float64).clamp_min(0.0)
+    return torch.where(lam > rtol * lam[:, -1:], lam, torch.zeros_like(lam))
 
 
 def kdpp_rank(L: torch.Tensor, mask: Optional[torch.Tensor] = None, rtol: Optional[float] = None) -> torch.Tensor:
@@ -64,8 +60,7 @@ def kdpp_rank(L: torch.Tensor, mask: Optional[torch.Tensor] = None, rtol: Option
     k before :func:`sample_k_dpp`, which uses the same rank definition.
     """
     Lb, _, _, unbatched = _prepare(L, 0, mask)
-    lam, _ = _eig(Lb, rtol)
-    rank = (lam > 0).sum(-1)
+    rank = (_clean_eigvals(torch.linalg.eigvalsh(Lb), rtol, L.dtype) > 0).sum(-1)
     return rank[0] if unbatched else rank
 
 
@@ -93,7 +88,7 @@ def _sequential_gram_schmidt(
     b, m, _ = K.shape
     kmax = int(k.max()) if b else 0
     out = torch.full((b, kmax), -1, dtype=torch.long, device=K.device)
-    C = K.new_zeros(b, m, kmax)
+    C = K.new_zeros(b, kmax, m)  # C[:, t] = t-th Gram-Schmidt vector over items
     d2 = torch.diagonal(K, dim1=-2, dim2=-1).clone()
     avail = avail.clone()
     rows = torch.arange(b, device=K.device)
@@ -105,10 +100,10 @@ def _sequential_gram_schmidt(
         out[:, t] = torch.where(ok, j, torch.full_like(j, -1))
         avail[rows, j] = avail[rows, j] & ~ok
         if t + 1 < kmax:
-            e = K[rows, :, j] - torch.einsum("bmt,bt->bm", C[:, :, :t], C[rows, j, :t])
+            e = K[rows, :, j] - torch.einsum("btm,bt->bm", C[:, :t], C[rows, :t, j])
             e = e / dj.clamp_min(torch.finfo(K.dtype).tiny).sqrt().unsqueeze(-1)
             e = e * ok.unsqueeze(-1)
-            C[:, :, t] = e
+            C[:, t] = e
             d2 = d2 - e * e
     return out
 
@@ -124,8 +119,8 @@ def sample_k_dpp(
 
     Spectral algorithm of Kulesza & Taskar (2012), Alg. 8 + Alg. 1: batched
     ``eigh`` (in ``L``'s dtype); k eigenvectors are selected exactly by the backward
-    recursion on the elementary symmetric polynomials of the eigenvalues (float64,
-    rescaled per degree, so large eigenvalues or ``m`` in the hundreds cannot overflow); the
+    recursion on the elementary symmetric polynomials of the eigenvalues (log-space
+    float64, so large eigenvalues or ``m`` in the hundreds cannot overflow); the
     selected projection DPP is then sampled by the Gram-Schmidt chain rule. Python
     loops run over ``max(k)`` steps only, never over users or items.
 
@@ -155,7 +150,8 @@ def sample_k_dpp(
         out = torch.full((b, 0), -1, dtype=torch.long, device=device)
         return out[0] if unbatched else out
 
-    lam, vec = _eig(Lb, rtol)
+    lam, vec = torch.linalg.eigh(Lb)
+    lam, vec = _clean_eigvals(lam, rtol, L.dtype), vec.to(torch.float64)
     rank = (lam > 0).sum(-1)
     bad = kb > rank
     if bool(bad.any()):
@@ -168,26 +164,23 @@ def sample_k_dpp(
     # Phase 1 (Alg. 8): choose k eigen-indices J with P(J) ∝ prod_{j in J} lam_j. Drawing the
     # largest remaining index n directly, P(n | l left, n < N) ∝ lam_n e_{l-1}(lam_{<n}), is the
     # backward recursion with its Bernoulli skips collapsed into one categorical draw per step.
-    # w[:, l-1, n] ∝ lam_n e_{l-1}(lam_{<n}) and e_l(lam_{<=n}) = cumsum_n w[:, l-1]; eigenvalues are
-    # scaled into [0, 1] and each level l is rescaled by its total, so nothing overflows and only
-    # weights below 1e-300 of a level's total can underflow. A pick always has positive weight,
-    # hence positive mass below it at the next level, so every draw is well defined.
-    lam_n = lam / lam[:, -1:].clamp_min(torch.finfo(lam.dtype).tiny)
-    w = lam.new_empty(b, kmax, m)
-    e = torch.ones_like(lam)  # e_0(lam_{<n}) = 1
+    # log_w[:, l-1, n] = log(lam_n e_{l-1}(lam_{<n})) and e_l(lam_{<=n}) = cumsum_n w[:, l-1]. Log-space
+    # is required: for m ~ 200 these values span far more than float64's range within one level.
+    log_lam = lam.log()
+    log_w = lam.new_empty(b, kmax, m)
+    log_e = torch.zeros_like(lam)  # log e_0(lam_{<n}) = 0
     for l in range(kmax):
-        w[:, l] = lam_n * e
-        c = w[:, l].cumsum(-1)
-        e = torch.cat([c.new_zeros(b, 1), c[:, :-1]], -1) / c[:, -1:].clamp_min(torch.finfo(c.dtype).tiny)
+        log_w[:, l] = log_lam + log_e
+        log_e = torch.cat([log_e.new_full((b, 1), float("-inf")), log_w[:, l, :-1].logcumsumexp(-1)], -1)
     u = 1.0 - torch.rand(b, 2 * kmax, generator=generator, device=device, dtype=torch.float64)
     pos = torch.arange(m, device=device)
     upper = torch.full_like(kb, m)  # eigen-indices still allowed: pos < upper
     cols = torch.zeros(b, kmax, dtype=torch.long, device=device)
     for t in range(kmax):
         left = kb - t
-        wt = w.gather(1, (left - 1).clamp_min(0).view(b, 1, 1).expand(b, 1, m)).squeeze(1)
-        wt = torch.where((pos < upper.unsqueeze(-1)) & (left > 0).unsqueeze(-1), wt, torch.zeros_like(wt))
-        cols[:, t] = _inverse_cdf(wt, u[:, t])
+        lw = log_w.gather(1, (left - 1).clamp_min(0).view(b, 1, 1).expand(b, 1, m)).squeeze(1)
+        lw = torch.where((pos < upper.unsqueeze(-1)) & (left > 0).unsqueeze(-1), lw, float("-inf"))
+        cols[:, t] = _inverse_cdf((lw - lw.amax(-1, keepdim=True).clamp_min(-1e300)).exp(), u[:, t])
         upper = torch.where(left > 0, cols[:, t], upper)
 
     # Phase 2 (Alg. 1): projection DPP with kernel V V^T, V = selected eigenvectors.

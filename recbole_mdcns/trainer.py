@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 from time import time
 
 import pytorch_lightning as pl
@@ -44,13 +45,14 @@ class RecBoleTrainData(pl.LightningDataModule):
         super().__init__()
         self.train_data = train_data
         self.seed = seed
+        self.index_sampler: DistributedSampler | None = None
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         indices = range(self.train_data.sample_size)
-        sampler = DistributedSampler(indices, num_replicas=world, rank=rank,
-                                     shuffle=self.train_data.shuffle, seed=self.seed)
-        return DataLoader(indices, batch_size=max(1, self.train_data.step // world), sampler=sampler,
+        self.index_sampler = DistributedSampler(indices, num_replicas=world, rank=rank,
+                                                shuffle=self.train_data.shuffle, seed=self.seed)
+        return DataLoader(indices, batch_size=max(1, self.train_data.step // world), sampler=self.index_sampler,
                           collate_fn=self.train_data.collate_fn, num_workers=self.train_data.config["worker"])
 
 
@@ -66,13 +68,19 @@ class RecBoleEpochEnd(pl.Callback):
         self.verbose, self.saved, self.callback_fn = verbose, saved, callback_fn
         self.started = 0.0
 
+    def _epoch_seed(self, trainer: pl.Trainer) -> int:
+        return (self.rb.config["seed"] * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % 2**62
+
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Each epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
-        # draws the same candidates, negatives and dropout masks as an uninterrupted one.
-        seed = (self.rb.config["seed"] * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % 2**62
-        torch.manual_seed(seed)
-        self.train_data._sampler.reseed(seed + 1)
+        # Each epoch's randomness depends on (seed, epoch, rank) only, so a resumed run draws
+        # the same batches, candidates, negatives and dropout masks as an uninterrupted one.
+        self.train_data._sampler.reseed(self._epoch_seed(trainer) + 1)
+        trainer.datamodule.index_sampler.set_epoch(trainer.current_epoch)  # also right after a resume
         self.started = time()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # after Lightning has built this epoch's iterator, which draws from the global RNG
+            torch.manual_seed(self._epoch_seed(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: NegativeSamplingModule) -> None:
         rb, epoch = self.rb, trainer.current_epoch
@@ -114,14 +122,18 @@ class RecBoleEpochEnd(pl.Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict:
+        """Plain Python values only, so the checkpoint loads with ``weights_only=True``."""
         rb = self.rb
-        return {"best_valid_score": rb.best_valid_score, "cur_step": rb.cur_step,
-                "best_valid_result": rb.best_valid_result, "train_loss_dict": rb.train_loss_dict,
+        result = None if rb.best_valid_result is None else {k: float(v) for k, v in rb.best_valid_result.items()}
+        return {"best_valid_score": float(rb.best_valid_score), "cur_step": rb.cur_step,
+                "best_valid_result": result, "train_loss_dict": dict(rb.train_loss_dict),
                 "saved_model_file": rb.saved_model_file}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self.rb, key, value)
+        if self.rb.best_valid_result is not None:
+            self.rb.best_valid_result = OrderedDict(self.rb.best_valid_result)
 
 
 class NegSamplingTrainer(Trainer):

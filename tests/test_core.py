@@ -1,0 +1,221 @@
+"""Foundation: candidate pools, strategies, losses, config errors, RecBole compatibility, training runs."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from recbole.data import create_dataset, data_preparation
+from recbole.model.loss import BPRLoss
+
+from conftest import tiny_config, write_dataset
+from recbole_mdcns import run_recbole
+from recbole_mdcns.config import create_config
+from recbole_mdcns.data import CANDIDATES, candidate_train_loader
+from recbole_mdcns.losses import bce_loss, bpr_loss
+from recbole_mdcns.strategies import TopMNegative
+
+RECBOLE_KEYS = {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+
+
+def _train_loader(data_path: Path, tmp_path: Path, dataset: str = "tiny", **overrides):
+    config = create_config("SASRec", dataset, config_dict=tiny_config(data_path, tmp_path, **overrides))
+    ds = create_dataset(config)
+    train_data, _, _ = data_preparation(config, ds)
+    return config, ds, candidate_train_loader(config, train_data)
+
+
+def _training_history(train_loader) -> dict[int, set[int]]:
+    inter = train_loader._dataset.inter_feat
+    history: dict[int, set[int]] = {}
+    seq_field = train_loader._sampler.item_seq_field
+    for user, target, seq in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter[seq_field].tolist()):
+        history.setdefault(user, set()).update([target, *[i for i in seq if i > 0]])
+    return history
+
+
+# --- candidate pool -------------------------------------------------------------------------
+
+def test_pool_excludes_training_history_and_keeps_rows(tiny_data, in_tmp):
+    config, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=30)
+    history = _training_history(loader)
+    batch = next(iter(loader))
+    cands = batch[CANDIDATES]
+    assert cands.shape == (len(batch), 30)
+    assert len(batch) == min(config["train_batch_size"], loader.sample_size)  # no row repetition
+    assert cands.min() >= 1 and cands.max() < ds.item_num
+    for user, row in zip(batch["user_id"].tolist(), cands.tolist()):
+        assert not history[user] & set(row)
+
+
+def test_pool_for_user_with_almost_every_item_terminates(tmp_path, in_tmp):
+    root = write_dataset(tmp_path / "data", name="dense", n_users=6, n_items=20)
+    inter = root / "dense" / "dense.inter"
+    lines = inter.read_text().splitlines()
+    lines += [f"u999\ti{item}\t5\t{t}" for t, item in enumerate(range(1, 21))]  # every item, in order
+    inter.write_text("\n".join(lines) + "\n")
+    _, ds, loader = _train_loader(root, in_tmp, dataset="dense", neg_sampler="dns", candidate_num=15)
+    user = ds.field2token_id["user_id"]["u999"]
+    allowed = {ds.field2token_id["item_id"]["i19"], ds.field2token_id["item_id"]["i20"]}  # valid/test targets
+    pool = loader._sampler.sample_pool(torch.full((4,), user), 15)
+    assert set(pool.flatten().tolist()) <= allowed
+
+
+def test_popularity_pool_follows_counts(tiny_data, in_tmp):
+    _, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="popularity")
+    sampler = loader._sampler
+    draws = sampler._draw(200_000)
+    freq = torch.bincount(draws, minlength=ds.item_num).double()
+    expected = sampler.item_weights / sampler.item_weights.sum() * len(draws)
+    assert freq[0] == 0
+    assert torch.corrcoef(torch.stack([freq, expected]))[0, 1] > 0.99
+
+
+# --- strategies and losses -------------------------------------------------------------------
+
+def test_top_m_selects_inside_top_m_and_covers_it():
+    scores = torch.tensor([[0.1, 5.0, 3.0, 4.0, -1.0]]).repeat(3000, 1)
+    assert (TopMNegative(1).select(scores) == 1).all()
+    picks = TopMNegative(3).select(scores, torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1, 2, 3}
+    assert (TopMNegative(5).select(scores[:1, :1]) == 0).all()
+
+
+def test_losses_match_reference_definitions():
+    pos, neg = torch.randn(64), torch.randn(64)
+    assert torch.allclose(bpr_loss(pos, neg), BPRLoss()(pos, neg), atol=1e-6)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(pos, torch.ones(64)) + bce(neg, torch.zeros(64))
+    assert torch.allclose(bce_loss(pos, neg), expected, atol=1e-6)
+
+
+# --- bad input: clear errors before training -------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"neg_sampler": "hardest"}, "neg_sampler must be one of"),
+        ({"neg_sampler": "dns", "neg_loss": "hinge"}, "neg_loss must be one of ['bpr', 'bce']"),
+        ({"neg_sampler": "dns", "candidate_num": 5, "top_m": 6}, "top_m must be an integer in [1, 5]"),
+        ({"neg_sampler": "dns", "candidate_num": 0}, "candidate_num must be an integer"),
+        ({"neg_sampler": "dns", "loss_type": "CE"}, "loss_type must be 'BPR'"),
+        ({"neg_sampler": "dns", "candidate_distribution": "zipf"}, "candidate_distribution must be one of"),
+    ],
+)
+def test_bad_config_is_rejected_before_data_loading(tiny_data, in_tmp, overrides, message):
+    with pytest.raises(ValueError) as err:
+        create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, **overrides))
+    assert message in str(err.value)
+
+
+def test_missing_dataset_and_no_bpr_model(tiny_data, in_tmp):
+    with pytest.raises(ValueError, match="dataset 'nowhere' not found"):
+        create_config("SASRec", "nowhere", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="dns"))
+    with pytest.raises(ValueError, match="model CORE has no sampled-negative"):
+        create_config("CORE", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="dns"))
+
+
+def test_pool_larger_than_catalogue_fails_before_training(tiny_data, in_tmp):
+    with pytest.raises(ValueError, match=r"candidate_num must be in \[1, 60\]"):
+        run_recbole("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="dns", candidate_num=500))
+    assert not glob.glob(str(in_tmp / "saved" / "*"))
+
+
+# --- RecBole compatibility -------------------------------------------------------------------
+
+def test_plain_recbole_runs_in_the_same_environment(tiny_data, in_tmp):
+    from recbole.quick_start import run_recbole as recbole_run_recbole
+
+    config = tiny_config(tiny_data, in_tmp, loss_type="BPR",
+                         train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+    result = recbole_run_recbole("SASRec", "tiny", config_dict=config)  # loads its best checkpoint
+    assert set(result) == RECBOLE_KEYS and 0 <= result["test_result"]["ndcg@10"] <= 1
+    ours = run_recbole("SASRec", "tiny", config_dict=dict(config, neg_sampler="recbole"))
+    assert ours["test_result"] == result["test_result"]
+
+
+def test_broken_ray_gives_clear_error_only_when_tuning():
+    code = (
+        "import sys; sys.modules['pkg_resources'] = None\n"  # as with setuptools>=81: ray 2.6 cannot import
+        "import recbole_mdcns\n"
+        "from recbole.quick_start import run_recbole\n"
+        "from ray import tune\n"
+        "try:\n    tune.run\nexcept RuntimeError as e:\n    print('CLEAR:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CLEAR: RecBole's hyper-parameter tuning needs ray" in out.stdout
+    assert "pkg_resources" in out.stdout  # the original failure is named
+
+
+def test_version_pins_hold():
+    import numpy
+    import pandas
+
+    assert int(numpy.__version__.split(".")[0]) < 2 and int(pandas.__version__.split(".")[0]) < 3
+    assert hasattr(numpy, "float_")  # RecBole's Config.compatibility_settings needs it
+
+
+# --- training through run_recbole ------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "dns"])
+def test_run_recbole_trains_and_saves_like_recbole(tiny_data, in_tmp, sampler, caplog):
+    config = tiny_config(tiny_data, in_tmp, neg_sampler=sampler, candidate_num=20 if sampler == "dns" else 1,
+                         epochs=2, top_m=2 if sampler == "dns" else 1)
+    result = run_recbole("SASRec", "tiny", config_dict=config)
+    assert set(result) == RECBOLE_KEYS
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1
+    saved = glob.glob(str(in_tmp / "saved" / "SASRec-*.pth"))
+    assert len(saved) == 1
+    checkpoint = torch.load(saved[0], weights_only=False)
+    assert {"config", "epoch", "state_dict", "optimizer", "best_valid_score"} <= set(checkpoint)
+    assert glob.glob(str(in_tmp / "saved" / "SASRec-*-lightning" / "last.ckpt"))
+
+
+def test_same_seed_same_result_and_resume_matches(tiny_data, in_tmp):
+    config = tiny_config(tiny_data, in_tmp, neg_sampler="dns", candidate_num=20, top_m=3, epochs=2)
+    first = run_recbole("SASRec", "tiny", config_dict=config)
+    second = run_recbole("SASRec", "tiny", config_dict=config)
+    assert first["test_result"] == second["test_result"]
+
+    run_recbole("SASRec", "tiny", config_dict=dict(config, epochs=1))  # "killed" after epoch 0
+    last = max(glob.glob(str(in_tmp / "saved" / "*-lightning" / "last.ckpt")), key=os.path.getmtime)
+    resumed = run_recbole("SASRec", "tiny", config_dict=dict(config, resume_from=last))
+    assert resumed["test_result"] == first["test_result"]
+
+
+def _cli(tmp_path: Path, tiny_data: Path, *flags: str) -> list[str]:
+    """``python -m recbole_mdcns`` on the tiny dataset, its config given as a YAML file."""
+    config = tiny_config(tiny_data, tmp_path, state="INFO")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "recbole_mdcns", "--model=SASRec", "--dataset=tiny",
+            "--config_files", str(path), *flags]
+
+
+def test_cli_matches_recbole_quick_start_output(tiny_data, in_tmp):
+    cmd = _cli(in_tmp, tiny_data, "--neg_sampler=dns", "--candidate_num=10")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=in_tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for line in ("epoch 0 training", "epoch 0 evaluating", "best valid", "test result",
+                 "scoring SASRec: dot-product"):
+        assert line in log
+
+
+def test_ddp_two_cpu_processes_train_and_only_rank_zero_writes(tiny_data, in_tmp):
+    cmd = _cli(in_tmp, tiny_data, "--neg_sampler=dns", "--candidate_num=10",
+               "--accelerator=cpu", "--devices=2", "--strategy=ddp")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=in_tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "test result" in log and "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert log.count("epoch 0 training") == 1  # rank 1 logs warnings only
+    assert len(glob.glob(str(in_tmp / "log" / "**" / "*.log"), recursive=True)) == 1
+    assert len(glob.glob(str(in_tmp / "saved" / "*.pth"))) == 1
+    assert len(os.listdir(in_tmp / "log_tensorboard")) == 1
