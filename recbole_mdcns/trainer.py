@@ -19,6 +19,15 @@ from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.methods import method_module
 
 
+def _unused_name(path: str) -> str:
+    """``path``, or ``<stem>~N<ext>`` when a run of that name (file or Lightning folder) exists."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 1
+    while os.path.exists(candidate) or os.path.exists(os.path.splitext(candidate)[0] + "-lightning"):
+        candidate, n = f"{stem}~{n}{ext}", n + 1
+    return candidate
+
+
 class _NullWriter:
     """TensorBoard writer for ranks other than 0, which write no files."""
 
@@ -143,8 +152,8 @@ class NegSamplingTrainer(Trainer):
     def __init__(self, config, model) -> None:
         with _tensorboard_on_rank_zero():
             super().__init__(config, model)
-        stem = os.path.splitext(self.saved_model_file)[0]
-        self.lightning_dir = f"{stem}-lightning"
+        self.saved_model_file = _unused_name(self.saved_model_file)
+        self.lightning_dir = os.path.splitext(self.saved_model_file)[0] + "-lightning"
         self.lightning_trainer: pl.Trainer | None = None
 
     def build_module(self) -> NegativeSamplingModule:
@@ -173,10 +182,9 @@ class NegSamplingTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.eval_collector.data_collect(train_data)
         module = self.build_module()
-        callbacks = [
-            RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn),
-            ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0),
-        ]
+        callbacks: list[pl.Callback] = [RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn)]
+        if saved:
+            callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0))
         lit = self.lightning_trainer = self._lightning_trainer(callbacks, show_progress)
         lit.fit(module, datamodule=RecBoleTrainData(train_data, self.config["seed"]),
                 ckpt_path=self.config["resume_from"])

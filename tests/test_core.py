@@ -219,3 +219,14 @@ def test_ddp_two_cpu_processes_train_and_only_rank_zero_writes(tiny_data, in_tmp
     assert len(glob.glob(str(in_tmp / "log" / "**" / "*.log"), recursive=True)) == 1
     assert len(glob.glob(str(in_tmp / "saved" / "*.pth"))) == 1
     assert len(os.listdir(in_tmp / "log_tensorboard")) == 1
+
+
+def test_runs_never_overwrite_saved_files(tiny_data, in_tmp):
+    from recbole_mdcns.trainer import _unused_name
+
+    first = in_tmp / "M-1.pth"
+    first.write_text("user data")
+    assert _unused_name(str(first)) == str(in_tmp / "M-1~1.pth")
+    (in_tmp / "M-1~1-lightning").mkdir()
+    assert _unused_name(str(first)) == str(in_tmp / "M-1~2.pth")
+    assert first.read_text() == "user data"
