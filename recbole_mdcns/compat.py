@@ -7,15 +7,18 @@ fails loudly instead of silently mis-remapping ``token_seq`` fields) and adds
 the two shims the pins cannot:
 
 * RecBole saves checkpoints with ``pickle_protocol=4`` holding its ``Config``;
-  torch >= 2.6 loads with ``weights_only=True`` and refuses them. RecBole's
-  trainer module alone gets a ``torch`` whose ``load`` defaults to
-  ``weights_only=False`` (these are the user's own checkpoints).
+  torch >= 2.6 loads with ``weights_only=True`` and refuses them. The RecBole
+  modules that load such checkpoints (its trainer; S3Rec and the other models
+  that load pre-trained weights) get a ``torch`` whose ``load`` defaults to
+  ``weights_only=False`` (these are the user's own checkpoints); ``torch``
+  itself is untouched.
 * ``recbole.quick_start`` imports ``ray.tune`` at import time. If ray cannot be
   imported, a placeholder takes its place whose every use raises an error
   naming the original failure: training works, ray-based tuning fails clearly.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 import warnings
@@ -83,12 +86,25 @@ class _TorchTrustedLoad(types.ModuleType):
         return torch.load(f, *args, **kwargs)
 
 
+# RecBole modules that torch.load checkpoints RecBole itself saved (its Config pickled inside):
+# the trainer (best model, resume) and the models that load their pre-trained weights.
+_LOADS_RECBOLE_CHECKPOINTS = (
+    "recbole.trainer.trainer",
+    "recbole.model.sequential_recommender.s3rec",
+    "recbole.model.general_recommender.convncf",
+    "recbole.model.general_recommender.nais",
+    "recbole.model.general_recommender.neumf",
+    "recbole.model.general_recommender.ract",
+    "recbole.model.context_aware_recommender.kd_dagfm",
+)
+
+
 def apply() -> None:
     """Check the pins and install the shims; idempotent."""
     _check_pins()
     if "ray" not in sys.modules:
         _guard_ray()
-    import recbole.trainer.trainer as recbole_trainer
-
-    if not isinstance(recbole_trainer.torch, _TorchTrustedLoad):
-        recbole_trainer.torch = _TorchTrustedLoad()
+    for name in _LOADS_RECBOLE_CHECKPOINTS:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _TorchTrustedLoad):
+            module.torch = _TorchTrustedLoad()

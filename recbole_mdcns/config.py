@@ -85,6 +85,11 @@ def validate(config: Config) -> None:
             f"neg_sampler={config['neg_sampler']} trains on sampled negatives: loss_type must be 'BPR' "
             f"(got {config['loss_type']!r}); choose the loss over negatives with neg_loss, one of {list(NEG_LOSSES)}"
         )
+    if config["model"] == "S3Rec" and config["train_stage"] != "finetune":
+        raise ValueError(
+            f"S3Rec with neg_sampler={config['neg_sampler']} fine-tunes: train_stage must be 'finetune' "
+            f"(got {config['train_stage']!r}); pre-train with neg_sampler=recbole, then pass pre_model_path"
+        )
     _check_choice(config, "neg_loss", NEG_LOSSES)
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
     _check_int(config, "candidate_num", 1)

@@ -230,3 +230,9 @@ def test_runs_never_overwrite_saved_files(tiny_data, in_tmp):
     (in_tmp / "M-1~1-lightning").mkdir()
     assert _unused_name(str(first)) == str(in_tmp / "M-1~2.pth")
     assert first.read_text() == "user data"
+
+
+def test_s3rec_needs_finetune_stage(tiny_data, in_tmp):
+    with pytest.raises(ValueError, match="train_stage must be 'finetune'"):
+        create_config("S3Rec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="dns",
+                                                              item_attribute="categories"))
