@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from importlib import resources
+from pathlib import Path
 
 import torch
 import yaml
@@ -21,8 +22,12 @@ NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
 
 
 def sampler_yaml(name: str) -> str:
-    """Path of ``config_yamls/<name>.yaml`` as installed with the package."""
-    return str(resources.files("recbole_mdcns.config_yamls").joinpath(f"{name}.yaml"))
+    """Path of ``config_yamls/<name>.yaml``: installed with the package, or in a source checkout."""
+    try:
+        folder = resources.files("recbole_mdcns.config_yamls")
+    except ModuleNotFoundError:  # imported from a checkout, where config_yamls/ sits beside the package
+        folder = Path(__file__).resolve().parent.parent / "config_yamls"
+    return str(folder.joinpath(f"{name}.yaml"))
 
 
 def requested_sampler(config_file_list=None, config_dict=None) -> str:
@@ -123,4 +128,5 @@ def _resolve_device(config: Config) -> None:
         cuda = config["device"].type == "cuda" and config["use_gpu"] is not False
         accelerator = "gpu" if cuda else "cpu"
     config["accelerator"] = accelerator
+    config["use_gpu"] = accelerator != "cpu"  # RecBole's trainer and environment table read it
     config["device"] = torch.device("cpu" if accelerator == "cpu" else "cuda")

@@ -32,3 +32,21 @@ class TopMNegative:
         top = scores.topk(m, dim=1).indices
         pick = uniform_pick(len(scores), m, generator, scores.device)
         return top.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
+class MultiViewTopMNegative:
+    """One hard negative per score view (MDCNS Eqs. 7-8): :class:`TopMNegative` on each view.
+
+    ``select`` takes ``V`` score tensors of shape ``[B, N]`` over the same pool and returns a
+    ``[B, V]`` long tensor of pool indices, column ``j`` drawn from the top-``m`` of view ``j``.
+    """
+
+    def __init__(self, m: int = 1) -> None:
+        self.top_m = TopMNegative(m)
+
+    @property
+    def m(self) -> int:
+        return self.top_m.m
+
+    def select(self, views, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.stack([self.top_m.select(view, generator) for view in views], 1)

@@ -188,7 +188,7 @@ class NegSamplingTrainer(Trainer):
         lit = self.lightning_trainer = self._lightning_trainer(callbacks, show_progress)
         lit.fit(module, datamodule=RecBoleTrainData(train_data, self.config["seed"]),
                 ckpt_path=self.config["resume_from"])
-        self.device = module.device
+        module.to(self.device)  # Lightning's teardown leaves the model on the CPU; evaluate where we trained
         self.saved_model_file = lit.strategy.broadcast(self.saved_model_file, src=0)
         if lit.is_global_zero:
             self._add_hparam_to_tensorboard(self.best_valid_score)

@@ -1,0 +1,478 @@
+"""``neg_sampler: mdcns`` -- Multi-source Divergence-Consensus Negative Sampling.
+
+Li et al., "Divergence Meets Consensus: A Multi-Source Negative Sampling Framework
+for Sequential Recommendation" (SIGIR 2026); our restatement and decisions are in
+``shared/design/mdcns.md``. Every equation has one named function below:
+
+=========  ==========================================================================
+Eq. 2      candidate pool ``C_N`` -- :mod:`recbole_mdcns.data` (``batch[CANDIDATES]``)
+Eq. 3      :func:`pool_scores` -- ``s(v) = h . e_v`` for ``[v+ | C_N]``, one encoder pass
+Eq. 4      :func:`teacher_scores` -- aggregation of self, peer (and frozen extra) scores
+Eq. 5      :func:`divergence` -- ``d(v) = |s_self(v) - s_peer(v)|``
+Eq. 6      :func:`rerank` -- ``s~(v) = s(v) + beta_div * d(v)`` per view
+Eqs. 7-8   :func:`hard_negatives` -- one negative drawn uniformly from each view's top-M
+Eqs. 9-10  :func:`ranking_loss` -- ``alpha L(n_self) + beta L(n_peer) + gamma L(n_teacher)``
+Eqs. 11-12 :func:`distillation_loss` -- ``tau^2 KL(p_teacher || p_student)``
+Eq. 13     :func:`total_loss` -- ``L = L_rec + mu L_dis``
+=========  ==========================================================================
+
+:func:`mdcns_losses` chains them for the self model and, with the roles of self and
+peer swapped, for the peer (paper footnote 1). Decisions where the paper is silent:
+
+* ``mdcns_teacher_agg: mean`` (authors' code; the paper writes the sum). Same ranking,
+  but the sum sharpens the teacher's softmax by the number of sources.
+* ``mdcns_kl_include_positive: true``: the softmax of Eqs. 11-12 runs over
+  ``[v+ | C_N]`` as in the authors' released code (which produced the published
+  numbers); ``false`` gives the paper's ``C_N`` only. The KL is summed over the
+  softmax items and averaged over rows (like the ranking losses), so ``mu`` does not
+  depend on the batch size or on the number of DDP ranks.
+* The three negatives are drawn once per row and shared by both models: the peer's
+  ``alpha`` term uses the peer's own view, its ``beta`` term the self model's view.
+* Extra frozen teachers only join the teacher (Eq. 4); the divergence stays self-vs-peer.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from logging import getLogger
+from numbers import Real
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from recbole.config import Config
+from recbole.data.interaction import Interaction
+from recbole.utils import ModelType, dict2str, get_model, set_color
+
+from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.lightning_module import NegativeSamplingModule
+from recbole_mdcns.losses import LossFn
+from recbole_mdcns.strategies import MultiViewTopMNegative
+
+TEACHER_AGGS = ("mean", "sum")
+VIEWS = ("self", "peer", "teacher")
+WEIGHT_KEYS = ("alpha", "beta", "gamma", "beta_div", "mu")
+# Config keys are prefixed: FOSSIL, KSR and FEARec read ``alpha``, ``gamma`` and ``tau`` themselves.
+KEY = {name: f"mdcns_{name}" for name in (*WEIGHT_KEYS, "tau")}
+_PEER_SEED_OFFSET = 10007
+_FORBIDDEN_PEER_KEYS = ("model", "dataset", "MODEL_TYPE", "neg_sampler")
+
+
+# --------------------------------------------------------------------------- equations
+def pool_scores(scorer, model, batch: Interaction, items: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: ``s(v) = h . e_v`` for every item of ``items`` (``[B, K]``), ``h`` encoded once.
+
+    MDCNS scores ``items = [v+ | C_N]`` so that the positive, the ranking-loss negatives
+    and the distillation softmax all reuse these scores (no second forward pass).
+    """
+    return scorer(model, batch, items)
+
+
+def teacher_scores(sources: Sequence[torch.Tensor], agg: str = "mean") -> torch.Tensor:
+    """Eq. 4: the teacher's scores, ``mean`` (default, authors' code) or ``sum`` (paper) of the sources.
+
+    ``sources`` are same-shaped score tensors: self, peer and any frozen extra teachers.
+    The caller passes detached tensors; the teacher never receives a gradient.
+    """
+    if agg not in TEACHER_AGGS:
+        raise ValueError(f"mdcns_teacher_agg must be one of {list(TEACHER_AGGS)}, got {agg!r}")
+    stacked = torch.stack(list(sources))
+    return stacked.mean(0) if agg == "mean" else stacked.sum(0)
+
+
+def divergence(s_self: torch.Tensor, s_peer: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: ``d(v) = |s_self(v) - s_peer(v)|``, how much self and peer disagree on ``v``."""
+    return (s_self - s_peer).abs()
+
+
+def rerank(scores: torch.Tensor, d: torch.Tensor, beta_div: float) -> torch.Tensor:
+    """Eq. 6: ``s~(v) = s(v) + beta_div * d(v)`` (``beta_div = 0``: no re-ranking)."""
+    return scores + beta_div * d if beta_div else scores
+
+
+def hard_negatives(views: Sequence[torch.Tensor], strategy: MultiViewTopMNegative,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eqs. 7-8: per view, one pool index drawn uniformly from its top-M re-ranked scores; ``[B, V]``."""
+    with torch.no_grad():
+        return strategy.select(views, generator)
+
+
+def ranking_loss(pos: torch.Tensor, pool: torch.Tensor, negatives: torch.Tensor,
+                 weights: Sequence[float], loss_fn: LossFn) -> torch.Tensor:
+    """Eqs. 9-10: ``sum_j w_j * L(s(v+), s(n_j))`` with every negative scored by the trained model.
+
+    ``pos`` ``[B]`` and ``pool`` ``[B, N]`` are the trained model's scores, ``negatives``
+    ``[B, V]`` pool indices (one column per view), ``weights`` one per view
+    (``alpha, beta, gamma`` for the view order of the trained model). A zero weight
+    drops its term.
+    """
+    neg_scores = pool.gather(1, negatives)
+    total = pos.new_zeros(())
+    for j, weight in enumerate(weights):
+        if weight:
+            total = total + weight * loss_fn(pos, neg_scores[:, j])
+    return total
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eqs. 11-12: ``tau^2 * KL(p_teacher || p_student)``, ``p = softmax(s / tau)`` over the last dim.
+
+    The teacher is detached. Summed over the softmax items, averaged over rows.
+    """
+    log_p_student = F.log_softmax(student.float() / tau, -1)
+    log_p_teacher = F.log_softmax(teacher.detach().float() / tau, -1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    return tau * tau * kl
+
+
+def total_loss(rec: torch.Tensor, dis: torch.Tensor, mu: float) -> torch.Tensor:
+    """Eq. 13: ``L = L_rec + mu * L_dis`` (``mu = 0``: no distillation)."""
+    return rec + mu * dis if mu else rec
+
+
+@dataclass
+class MDCNSLosses:
+    """Both models' loss terms for one batch, and the negatives they were trained on."""
+
+    self_rec: torch.Tensor
+    self_dis: torch.Tensor
+    peer_rec: torch.Tensor
+    peer_dis: torch.Tensor
+    self_total: torch.Tensor
+    peer_total: torch.Tensor
+    negatives: torch.Tensor  # [B, 3] pool indices of the self / peer / teacher views' negatives
+
+
+def mdcns_losses(s_self: torch.Tensor, s_peer: torch.Tensor, extra: Sequence[torch.Tensor] = (), *,
+                 strategy: MultiViewTopMNegative, loss_fn: LossFn, alpha: float = 1.0, beta: float = 1.0,
+                 gamma: float = 1.0, beta_div: float = 1.0, tau: float = 1.0, mu: float = 1.0,
+                 agg: str = "mean", include_positive: bool = True,
+                 generator: torch.Generator | None = None) -> MDCNSLosses:
+    """Eqs. 4-13 for one batch from the scores of Eq. 3, for self and (roles swapped) peer.
+
+    ``s_self``, ``s_peer`` and each tensor of ``extra`` are ``[B, 1 + N]`` scores of
+    ``[v+ | C_N]``; ``s_self``/``s_peer`` carry their model's gradient, ``extra`` none.
+    """
+    pos_self, pool_self = s_self[:, 0], s_self[:, 1:]
+    pos_peer, pool_peer = s_peer[:, 0], s_peer[:, 1:]
+    with torch.no_grad():
+        teacher = teacher_scores([s_self.detach(), s_peer.detach(), *(e.detach() for e in extra)], agg)
+        d = divergence(pool_self.detach(), pool_peer.detach())
+        views = [rerank(view, d, beta_div) for view in (pool_self.detach(), pool_peer.detach(), teacher[:, 1:])]
+    negatives = hard_negatives(views, strategy, generator)
+    self_rec = ranking_loss(pos_self, pool_self, negatives, (alpha, beta, gamma), loss_fn)
+    # The peer's own view weighs alpha, the other model's (self) view beta: roles swapped.
+    peer_rec = ranking_loss(pos_peer, pool_peer, negatives[:, [1, 0, 2]], (alpha, beta, gamma), loss_fn)
+    first = 0 if include_positive else 1
+    if mu:
+        self_dis = distillation_loss(s_self[:, first:], teacher[:, first:], tau)
+        peer_dis = distillation_loss(s_peer[:, first:], teacher[:, first:], tau)
+    else:
+        self_dis = peer_dis = s_self.new_zeros(())
+    return MDCNSLosses(self_rec, self_dis, peer_rec, peer_dis, total_loss(self_rec, self_dis, mu),
+                       total_loss(peer_rec, peer_dis, mu), negatives)
+
+
+# --------------------------------------------------------------------------- models
+def _sequential_model(name) -> type | None:
+    """RecBole's sequential model class called ``name``, or ``None``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    module_path = f"recbole.model.sequential_recommender.{name.lower()}"
+    try:
+        if importlib.util.find_spec(module_path) is None:
+            return None
+        model_class = getattr(importlib.import_module(module_path), name, None)
+    except ImportError:
+        return None
+    return model_class if getattr(model_class, "type", None) == ModelType.SEQUENTIAL else None
+
+
+def peer_config(config: Config) -> Config:
+    """RecBole ``Config`` of the peer: the peer model's own RecBole defaults, then every value the
+    user set for the run (files, dict, command line; the sampler defaults included), then
+    ``mdcns_peer_config``, which wins over all of them."""
+    overrides = dict(config["mdcns_peer_config"] or {})
+    external = {**config.file_config_dict, **config.variable_config_dict, **overrides}
+    external.pop("model", None)
+    peer = Config(model=config["mdcns_peer_model"], dataset=config["dataset"], config_dict=external)
+    for key, value in overrides.items():
+        peer[key] = value
+    peer["device"] = config["device"]
+    peer["accelerator"] = config["accelerator"]
+    return peer
+
+
+def build_peer(config: Config, dataset) -> tuple[torch.nn.Module, Config]:
+    """The peer model, initialised from its own seed (``seed + 10007``) on every rank, so it is
+    neither a copy of a same-architecture self model nor dependent on the RNG state."""
+    peer_cfg = peer_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"] + _PEER_SEED_OFFSET)
+        model = get_model(peer_cfg["model"])(peer_cfg, dataset)
+    return model, peer_cfg
+
+
+def load_extra_teacher(path: str, config: Config, dataset) -> torch.nn.Module:
+    """A frozen teacher from a RecBole checkpoint (``{'config', 'state_dict', ...}`` as RecBole saves
+    it): the model class named in its config, rebuilt on this run's train ``dataset``, in eval
+    mode with ``requires_grad=False``. A checkpoint made for another dataset, item count or
+    ``MAX_ITEM_LIST_LENGTH`` raises ``ValueError``."""
+    where = f"mdcns_extra_teachers: {path}"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{where} is not a RecBole checkpoint (a dict with 'config' and 'state_dict')")
+    t_cfg, state = checkpoint["config"], checkpoint["state_dict"]
+    if t_cfg["dataset"] != config["dataset"]:
+        raise ValueError(f"{where} was trained on dataset {t_cfg['dataset']!r}, this run uses {config['dataset']!r}")
+    rows = state.get("item_embedding.weight")
+    if rows is not None and rows.shape[0] != dataset.item_num:
+        raise ValueError(
+            f"{where} was trained on {rows.shape[0] - 1} items, dataset {config['dataset']!r} here has "
+            f"{dataset.item_num - 1}: the checkpoint was made for another version of the dataset"
+        )
+    if t_cfg["MAX_ITEM_LIST_LENGTH"] != config["MAX_ITEM_LIST_LENGTH"]:
+        raise ValueError(f"{where} was trained with MAX_ITEM_LIST_LENGTH={t_cfg['MAX_ITEM_LIST_LENGTH']}, "
+                         f"this run uses {config['MAX_ITEM_LIST_LENGTH']}")
+    model_class = _sequential_model(t_cfg["model"])
+    if model_class is None:
+        raise ValueError(f"{where} holds {t_cfg['model']}, not a RecBole sequential model")
+    t_cfg["device"] = config["device"]
+    model = model_class(t_cfg, dataset)
+    mismatch = [f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}" for k, v in model.state_dict().items()
+                if k in state and v.shape != state[k].shape]
+    if mismatch:
+        raise ValueError(f"{where} does not fit dataset {config['dataset']!r}: {', '.join(mismatch)}")
+    model.load_state_dict(state)
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class ScoreEnsemble(torch.nn.Module):
+    """Self + peer ensemble for evaluation only: the sum of the members' full-sort scores, each
+    standardised per row (zero mean, unit std over the real items, padding item 0 excluded), so
+    models with different score scales weigh the same. ``predict`` gathers from the same scores."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.ITEM_ID = members[0].ITEM_ID
+
+    @staticmethod
+    def standardize(scores: torch.Tensor) -> torch.Tensor:
+        real = scores[:, 1:]
+        return (scores - real.mean(1, keepdim=True)) / real.std(1, keepdim=True).clamp_min(1e-12)
+
+    def full_sort_predict(self, interaction: Interaction) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            scores = member.full_sort_predict(interaction)
+            scores = self.standardize(scores.view(len(interaction), -1))
+            total = scores if total is None else total + scores
+        return total
+
+    def predict(self, interaction: Interaction) -> torch.Tensor:
+        items = interaction[self.ITEM_ID].long().unsqueeze(1)
+        return self.full_sort_predict(interaction).gather(1, items).squeeze(1)
+
+
+# --------------------------------------------------------------------------- config checks
+def _validate_peer(config) -> None:
+    from recbole_mdcns.config import NO_BPR_MODELS
+
+    name = config["mdcns_peer_model"]
+    if _sequential_model(name) is None or name in NO_BPR_MODELS:
+        raise ValueError(
+            f"mdcns_peer_model must be the name of a RecBole sequential model with a BPR mode "
+            f"(e.g. GRU4Rec, SASRec, NARM, Caser; not one of {list(NO_BPR_MODELS)}), got {name!r}"
+        )
+    overrides = config["mdcns_peer_config"]
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"mdcns_peer_config must be a mapping of RecBole config keys or ~, got {overrides!r}")
+    overrides = overrides or {}
+    forbidden = [key for key in _FORBIDDEN_PEER_KEYS if key in overrides]
+    if forbidden:
+        raise ValueError(f"mdcns_peer_config cannot set {forbidden}; the peer model is set by mdcns_peer_model")
+    if name == "S3Rec" and overrides.get("train_stage", config["train_stage"]) != "finetune":
+        raise ValueError("mdcns_peer_model S3Rec fine-tunes: set mdcns_peer_config.train_stage to 'finetune' "
+                         "(and its pre_model_path)")
+    if overrides.get("loss_type", "BPR") != "BPR":
+        raise ValueError(f"mdcns_peer_config.loss_type must be 'BPR', got {overrides['loss_type']!r}")
+    learner = str(config["learner"])
+    if str(overrides.get("learner", learner)).lower() != learner.lower():
+        raise ValueError(
+            f"mdcns_peer_config.learner must be the run's learner {learner!r} (the peer is a param group of the "
+            f"same optimizer; set its learning_rate / weight_decay instead), got {overrides['learner']!r}"
+        )
+
+
+def _is_number(value, low: float, strict: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        return False
+    return value > low if strict else value >= low
+
+
+def _validate_weights(config) -> None:
+    for key in (KEY[name] for name in WEIGHT_KEYS):
+        if not _is_number(config[key], 0, strict=False):
+            raise ValueError(f"{key} must be a finite number >= 0 (0 switches its term off), got {config[key]!r}")
+    if not _is_number(config[KEY["tau"]], 0, strict=True):
+        raise ValueError(f"{KEY['tau']} must be a finite number > 0, got {config[KEY['tau']]!r}")
+    trained = [KEY[name] for name in ("alpha", "beta", "gamma", "mu")]
+    if not any(config[key] for key in trained):
+        raise ValueError(f"{', '.join(trained)} cannot all be 0: nothing would be trained")
+    if config["mdcns_teacher_agg"] not in TEACHER_AGGS:
+        raise ValueError(f"mdcns_teacher_agg must be one of {list(TEACHER_AGGS)}, got {config['mdcns_teacher_agg']!r}")
+    for key in ("mdcns_kl_include_positive", "mdcns_eval_peer"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be true or false, got {config[key]!r}")
+
+
+def _validate_teachers(config) -> None:
+    teachers = config["mdcns_extra_teachers"] or []
+    if not isinstance(teachers, (list, tuple)) or not all(isinstance(p, str) for p in teachers):
+        raise ValueError(f"mdcns_extra_teachers must be a list of RecBole checkpoint paths or ~, got {teachers!r}")
+    missing = [p for p in teachers if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"mdcns_extra_teachers: no such checkpoint file(s) {missing}")
+
+
+# --------------------------------------------------------------------------- Lightning
+class MDCNSModule(NegativeSamplingModule):
+    """MDCNS on Lightning: self model (the run's ``--model``), peer (``mdcns_peer_model``), and the
+    frozen ``mdcns_extra_teachers``, all submodules, so the Lightning checkpoint holds them all.
+
+    The peer and teachers need the train dataset, so they are built in :meth:`setup` (before
+    Lightning restores a checkpoint or wraps the module for DDP). The peer's parameters join the
+    run's optimizer as their own param group (own Adam state; ``learning_rate``/``weight_decay``
+    from the peer config); frozen teachers are in no group. Both models are stepped every batch
+    by the same procedure, roles swapped; their losses only reach their own parameters, so one
+    backward of ``L_self + L_peer`` equals two separate updates. Gradient clipping
+    (``clip_grad_norm``) is applied per model, as two RecBole trainers would.
+    """
+
+    def __init__(self, model, optimizer, config) -> None:
+        super().__init__(model, optimizer, config)
+        self.peer: torch.nn.Module | None = None
+        self.peer_config: Config | None = None
+        self.teachers = torch.nn.ModuleList()
+        self.strategy = MultiViewTopMNegative(config["top_m"])
+        self.weights = {name: float(config[key]) for name, key in KEY.items()}
+        self.agg = config["mdcns_teacher_agg"]
+        self.include_positive = bool(config["mdcns_kl_include_positive"])
+        self.epoch_parts = [0.0, 0.0]
+        self.extra_valid_results: list[dict] = []
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def validate_config(config) -> None:
+        """``ValueError`` naming the key and its valid values for every MDCNS key."""
+        _validate_peer(config)
+        _validate_weights(config)
+        _validate_teachers(config)
+
+    # ------------------------------------------------------------------ models
+    def setup(self, stage: str) -> None:
+        if self.peer is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_data"):
+            raise RuntimeError("MDCNSModule needs the train data module (RecBoleTrainData) to build its peer")
+        dataset = datamodule.train_data._dataset
+        self.attach(dataset)
+
+    def attach(self, dataset) -> None:
+        """Build the peer and the extra teachers on ``dataset``; add the peer's param group."""
+        self.peer, self.peer_config = build_peer(self.config, dataset)
+        self.peer.to(self.config["device"])
+        group = {"params": list(self.peer.parameters()), "lr": self.peer_config["learning_rate"]}
+        if "weight_decay" in self.optimizer.defaults:
+            group["weight_decay"] = self.peer_config["weight_decay"] or 0.0
+        self.optimizer.add_param_group(group)
+        paths = self.config["mdcns_extra_teachers"] or []
+        self.teachers = torch.nn.ModuleList(load_extra_teacher(p, self.config, dataset) for p in paths)
+        self.teachers.to(self.config["device"])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for teacher in self.teachers:
+            teacher.eval()
+        return self
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None:
+            return
+        clip = dict(self.config["clip_grad_norm"] or {"max_norm": gradient_clip_val})
+        for model in (self.model, self.peer):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), **clip)
+
+    # ------------------------------------------------------------------ training
+    def scores(self, batch: Interaction) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Eq. 3 for every source: ``[B, 1 + N]`` scores of ``[v+ | C_N]``, one encoder pass per model."""
+        items = torch.cat([batch[self.model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES]], 1)
+        s_self = pool_scores(self.scorer_for("self", self.model, batch), self.model, batch, items)
+        s_peer = pool_scores(self.scorer_for("peer", self.peer, batch), self.peer, batch, items)
+        extra = []
+        with torch.no_grad():
+            for i, teacher in enumerate(self.teachers):
+                extra.append(pool_scores(self.scorer_for(f"teacher{i}", teacher, batch), teacher, batch, items))
+        return s_self, s_peer, extra
+
+    def losses(self, batch: Interaction) -> MDCNSLosses:
+        s_self, s_peer, extra = self.scores(batch)
+        w = self.weights
+        return mdcns_losses(s_self, s_peer, extra, strategy=self.strategy, loss_fn=self.loss_fn,
+                            alpha=w["alpha"], beta=w["beta"], gamma=w["gamma"], beta_div=w["beta_div"],
+                            tau=w["tau"], mu=w["mu"], agg=self.agg, include_positive=self.include_positive)
+
+    def training_loss(self, batch: Interaction) -> torch.Tensor:
+        parts = self.losses(batch)
+        return parts.self_total + parts.peer_total
+
+    def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        loss = parts.self_total + parts.peer_total
+        self.epoch_parts[0] += parts.self_total.item()
+        self.epoch_parts[1] += parts.peer_total.item()
+        size = len(batch)
+        self.log("loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({"loss_self": parts.self_total, "loss_peer": parts.peer_total,
+                       "dis_self": parts.self_dis, "dis_peer": parts.peer_dis}, batch_size=size)
+        return loss
+
+    def pop_epoch_loss(self) -> tuple[float, float]:
+        """RecBole's multi-part train loss: ``train_loss1`` = self model's Eq. 13 sum, ``train_loss2`` = peer's."""
+        parts, self.epoch_parts = tuple(self.epoch_parts), [0.0, 0.0]
+        return parts
+
+    # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def evaluate_as(trainer, model: torch.nn.Module, valid_data):
+        """RecBole's ``_valid_epoch`` of ``model`` in place of the trainer's (self) model."""
+        original = trainer.model
+        trainer.model = model
+        try:
+            return trainer._valid_epoch(valid_data)
+        finally:
+            trainer.model = original
+
+    def after_validation(self, trainer, valid_data) -> None:
+        """Also report the peer and the self+peer :class:`ScoreEnsemble` on the validation data
+        (``mdcns_eval_peer: false`` skips it). Early stopping and the saved model stay the self model's."""
+        if not self.config["mdcns_eval_peer"]:
+            return
+        record = {"epoch": self.current_epoch}
+        for name, model in (("peer", self.peer), ("ensemble", ScoreEnsemble([self.model, self.peer]))):
+            try:
+                score, result = self.evaluate_as(trainer, model, valid_data)
+            except NotImplementedError:
+                trainer.logger.info(f"{name} not evaluated: a model has no full_sort_predict")
+                continue
+            record[name] = result
+            self.log(f"{name}_valid_score", score, sync_dist=True)
+            trainer.logger.info(set_color(f"{name} valid result", "blue") + ": \n" + dict2str(result))
+        self.extra_valid_results.append(record)
