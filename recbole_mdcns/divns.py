@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.dpp import greedy_map_dpp, kdpp_rank, sample_k_dpp
 from recbole_mdcns.lightning_module import DNSModule
 from recbole_mdcns.scoring import BERT4RecScorer, DotScorer, Scorer
@@ -307,50 +308,6 @@ def synthesis_is_exact(scorer: Scorer) -> bool:
     return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score)
 
 
-def item_representation(model: torch.nn.Module, scorer: Scorer | None = None) -> torch.Tensor:
-    """``[n_items, d]`` detached item vectors for the kernel and statistics: the vectors ``scorer``
-    scores (a :class:`DotScorer`'s ``item_vectors``), else ``model.item_embedding`` (if an
-    ``nn.Embedding``), else every ``nn.Embedding`` table with ``n_items`` rows, concatenated."""
-    n_items = getattr(model, "n_items", None)
-    with torch.no_grad():
-        if isinstance(scorer, DotScorer) and n_items is not None:
-            device = next(model.parameters()).device
-            return scorer.item_vectors(model, torch.arange(n_items, device=device)).detach()
-        table = getattr(model, "item_embedding", None)
-        if isinstance(table, torch.nn.Embedding):
-            return table.weight[:n_items].detach()
-        tables = [mod.weight for mod in model.modules()
-                  if isinstance(mod, torch.nn.Embedding) and mod.num_embeddings == n_items]
-        if not tables:
-            raise TypeError(f"divns needs item embeddings: {type(model).__name__} has no nn.Embedding "
-                            f"with n_items={n_items} rows")
-        return torch.cat(tables, 1).detach()
-
-
-def negative_stats(item_embedding: torch.Tensor, used_ids: torch.Tensor, n_pairs: int = 2000,
-                   generator: torch.Generator | None = None) -> dict:
-    """Diversity of the negatives a model trained on.
-
-    ``used_ids``: ids of the negatives used (any shape, with repetition; ids <= 0 ignored).
-    ``mean_pairwise_cosine_distance`` is ``1 - cos`` averaged over ``n_pairs`` pairs drawn
-    with replacement from that multiset (so a negative reused often counts as often);
-    ``catalogue_fraction`` is the number of distinct ids over the catalogue
-    (``item_embedding`` rows minus the padding id 0).
-    """
-    ids = used_ids.reshape(-1).long()
-    ids = ids[ids > 0]
-    catalogue = max(item_embedding.shape[0] - 1, 1)
-    if len(ids) == 0:
-        return {"negatives": 0, "unique": 0, "catalogue_fraction": 0.0, "mean_pairwise_cosine_distance": math.nan}
-    device = generator.device if generator is not None else ids.device
-    draw = torch.randint(len(ids), (2, n_pairs), generator=generator, device=device).to(ids.device)
-    unit = F.normalize(item_embedding.detach().float(), dim=-1)
-    a, b = unit[ids[draw[0]].to(unit.device)], unit[ids[draw[1]].to(unit.device)]
-    unique = int(ids.unique().numel())
-    return {"negatives": int(len(ids)), "unique": unique, "catalogue_fraction": unique / catalogue,
-            "mean_pairwise_cosine_distance": float((1.0 - (a * b).sum(-1)).mean())}
-
-
 # --------------------------------------------------------------------------- Lightning module
 
 
@@ -383,10 +340,6 @@ class DivNSModule(DNSModule):
         self.hard = RunnerUpCache(hard_size)     # H_u
         self.diverse = torch.zeros(0, cache_size, dtype=torch.long)  # D_u, 0-padded
         self.diverse_size = torch.zeros(0, dtype=torch.long)
-        n_items = model.n_items
-        self.negative_counts = torch.zeros(n_items, dtype=torch.long)  # this epoch
-        self.ever_used = torch.zeros(n_items, dtype=torch.bool)
-        self.negative_history: list[dict] = []
         self.synthetic_rows = 0
         self.rows = 0
         self._epoch_started = self._last_batch_end = 0.0
@@ -423,7 +376,6 @@ class DivNSModule(DNSModule):
             self.cache.to(device)
             self.hard.to(device)
             self.diverse, self.diverse_size = self.diverse.to(device), self.diverse_size.to(device)
-            self.negative_counts, self.ever_used = self.negative_counts.to(device), self.ever_used.to(device)
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
@@ -436,11 +388,6 @@ class DivNSModule(DNSModule):
         self.hard.ensure_users(n_users)
 
     # ---- training
-
-    def record_negatives(self, ids: torch.Tensor) -> None:
-        """Count the negative ids rows trained on this epoch (ids <= 0 are ignored)."""
-        ids = ids.reshape(-1)
-        self.negative_counts.index_add_(0, ids.clamp_min(0), (ids > 0).long())
 
     def pick_diverse(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One item drawn uniformly from each row's ``D_u`` (``[B]`` ids, ``[B]`` bool has-one)."""
@@ -497,32 +444,25 @@ class DivNSModule(DNSModule):
         self.refresh(self.current_epoch)
 
     def refresh(self, epoch: int) -> dict:
-        """Epoch-end step: report the negatives used, gather caches across ranks, draw every
-        user's ``D_u``, clear ``C_u`` / ``H_u``. Returns (and appends to ``negative_history``) a
-        record of the epoch."""
+        """Epoch-end step: report the negatives used (:meth:`negative_report`), gather caches across
+        ranks, draw every user's ``D_u``, clear ``C_u`` / ``H_u``. Returns the epoch's record (the
+        last entry of ``negative_history``), extended with the refresh's figures."""
         started = perf_counter()
         self._to_device()
+        stats = self.negative_report(epoch)
         emb = item_representation(self.model, self.scorers.get("self"))
         local_entries = int(self.cache.size.sum())
-        counts = self.negative_counts
         if self._world_size() > 1:
             n_users = int(self.all_gather(torch.tensor(self.cache.n_users, device=self.device)).max())
             for cache in (self.cache, self.hard):
                 cache.ensure_users(n_users)
                 cache.merge(self.all_gather(cache.items), self.all_gather(cache.count))
-            counts = self.all_gather(counts).sum(0)
-        self.ever_used |= counts > 0
-        stats_gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(epoch) + 1)
-        used = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
-        stats = negative_stats(emb, used, generator=stats_gen)
         refresh_gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(epoch))
         self.diverse, self.diverse_size = refresh_diverse_sets(
             emb, self.cache.items, self.cache.size, self.hard.items, self.hard.size, self.kernel, self.gamma,
             self.alpha, self.dpp_mode, refresh_gen, self.chunk)
-        record = {
-            "epoch": epoch,
-            **stats,
-            "catalogue_fraction_ever": int(self.ever_used[1:].sum()) / max(len(self.ever_used) - 1, 1),
+        record = stats
+        record.update({
             "synthetic_row_fraction": self.synthetic_rows / max(self.rows, 1),
             "cache_entries_local": local_entries,
             "cache_entries": int(self.cache.size.sum()),
@@ -530,13 +470,11 @@ class DivNSModule(DNSModule):
             "diverse_mean_size": float(self.diverse_size[self.diverse_size > 0].float().mean())
             if bool((self.diverse_size > 0).any()) else 0.0,
             "train_seconds": self._last_batch_end - self._epoch_started,
-        }
+        })
         self.cache.clear()
         self.hard.clear()
-        self.negative_counts.zero_()
         self.synthetic_rows = self.rows = 0
         record["refresh_seconds"] = perf_counter() - started
-        self.negative_history.append(record)
         if self._trainer is None or self.trainer.is_global_zero:
             getLogger().info(
                 f"divns epoch {epoch}: refresh {record['refresh_seconds']:.2f}s; D_u for {record['diverse_users']} "
@@ -558,9 +496,6 @@ class DivNSModule(DNSModule):
             "hard": self.hard.state_dict(),
             "diverse": _copy(self.diverse),
             "diverse_size": _copy(self.diverse_size),
-            "negative_counts": _copy(self.negative_counts),
-            "ever_used": _copy(self.ever_used),
-            "negative_history": list(self.negative_history),
             "synthetic_rows": self.synthetic_rows,
             "rows": self.rows,
         }
@@ -574,14 +509,13 @@ class DivNSModule(DNSModule):
         if diverse.shape[1] != self.cache.capacity:  # resumed with another divns_cache_size
             diverse, size = compact_unique(diverse, _prefix_mask(diverse, size), self.cache.capacity)
         self.diverse, self.diverse_size = _copy(diverse, device), _copy(size, device)
-        self.negative_counts = _copy(state["negative_counts"], device)
-        self.ever_used = _copy(state["ever_used"], device)
-        self.negative_history = list(state["negative_history"])
         self.synthetic_rows, self.rows = state["synthetic_rows"], state["rows"]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["divns"] = self.divns_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "divns" in checkpoint:
             self.load_divns_state(checkpoint["divns"])

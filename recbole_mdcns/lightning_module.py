@@ -5,7 +5,10 @@ import pytorch_lightning as pl
 import torch
 from recbole.data.interaction import Interaction
 
+from logging import getLogger
+
 from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.losses import LOSSES
 from recbole_mdcns.scoring import Scorer, build_scorer
 from recbole_mdcns.strategies import TopMNegative
@@ -28,6 +31,9 @@ class NegativeSamplingModule(pl.LightningModule):
         self.loss_fn = LOSSES[config["neg_loss"]]
         self.scorers: dict[str, Scorer] = {}
         self.epoch_loss = 0.0
+        self.negative_counts = torch.zeros(model.n_items, dtype=torch.long)  # this epoch, this rank
+        self.ever_used = torch.zeros(model.n_items, dtype=torch.bool)
+        self.negative_history: list[dict] = []
 
     def scorer_for(self, name: str, model: torch.nn.Module, batch: Interaction) -> Scorer:
         """The scorer of ``model``, chosen and verified on the first batch it sees."""
@@ -58,6 +64,51 @@ class NegativeSamplingModule(pl.LightningModule):
         self.log("loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
+    def record_negatives(self, ids: torch.Tensor) -> None:
+        """Count the negative item ids rows trained on this epoch (ids <= 0 are ignored)."""
+        ids = ids.detach().reshape(-1)
+        if self.negative_counts.device != ids.device:
+            self.negative_counts, self.ever_used = self.negative_counts.to(ids.device), self.ever_used.to(ids.device)
+        self.negative_counts.index_add_(0, ids.clamp_min(0), (ids > 0).long())
+
+    def negative_report(self, epoch: int) -> dict:
+        """This epoch's negatives (all ranks): mean pairwise cosine distance of their item vectors,
+        fraction of the catalogue used this epoch and ever; appended to ``negative_history``."""
+        counts = self.negative_counts
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        self.ever_used |= counts > 0
+        used = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
+        generator = torch.Generator(device=counts.device).manual_seed(int(self.config["seed"] or 0) + epoch)
+        try:
+            vectors = item_representation(self.model, self.scorers.get("self")).to(counts.device)
+        except TypeError:  # no item vectors (generic path without embeddings): counts only
+            vectors = torch.zeros(len(counts), 1, device=counts.device)
+        record = {"epoch": epoch, **negative_stats(vectors, used, generator=generator),
+                  "catalogue_fraction_ever": int(self.ever_used[1:].sum()) / max(len(self.ever_used) - 1, 1)}
+        self.negative_counts.zero_()
+        self.negative_history.append(record)
+        return record
+
+    def on_train_epoch_end(self) -> None:
+        record = self.negative_report(self.current_epoch)
+        if self._trainer is None or self.trainer.is_global_zero:
+            getLogger().info(
+                f"epoch {record['epoch']} negatives: mean pairwise cosine distance "
+                f"{record['mean_pairwise_cosine_distance']:.4f}, catalogue used {record['catalogue_fraction']:.1%} "
+                f"(ever {record['catalogue_fraction_ever']:.1%})")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["negatives"] = {"counts": self.negative_counts.clone().cpu(),
+                                   "ever_used": self.ever_used.clone().cpu(),
+                                   "history": [dict(record) for record in self.negative_history]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "negatives" in checkpoint:
+            state = checkpoint["negatives"]
+            self.negative_counts, self.ever_used = state["counts"].clone(), state["ever_used"].clone()
+            self.negative_history = [dict(record) for record in state["history"]]
+
     def pop_epoch_loss(self) -> float:
         """Sum of this epoch's batch losses (RecBole's ``train loss``), then reset."""
         loss, self.epoch_loss = self.epoch_loss, 0.0
@@ -85,6 +136,7 @@ class DNSModule(NegativeSamplingModule):
             negatives = candidates.gather(1, picked.unsqueeze(1))
         else:
             negatives = candidates
+        self.record_negatives(negatives)
         items = torch.cat([batch[self.model.POS_ITEM_ID].unsqueeze(1), negatives], 1)
         scores = scorer.score(self.model, batch, h, items)
         return self.loss_fn(scores[:, 0], scores[:, 1])

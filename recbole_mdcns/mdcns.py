@@ -435,6 +435,7 @@ class MDCNSModule(NegativeSamplingModule):
 
     def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
         parts = self.losses(batch)
+        self.record_negatives(batch[CANDIDATES].gather(1, parts.negatives))
         loss = parts.self_total + parts.peer_total
         self.epoch_parts[0] += parts.self_total.item()
         self.epoch_parts[1] += parts.peer_total.item()

@@ -29,6 +29,9 @@ def _init_logger(config) -> None:
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None) -> dict:
     """Train and test ``model`` on ``dataset``; same arguments and result as RecBole's ``run_recbole``.
 
+    With a sampler the result also has ``train_info``: epochs run, best epoch, seconds per
+    epoch, seconds spent drawing candidate pools, the per-epoch negative-diversity records.
+
     ``config_dict`` / YAML / ``--neg_sampler=NAME`` picks the sampler; without it,
     or with ``neg_sampler: recbole``, RecBole's own trainer runs untouched.
     """
@@ -69,6 +72,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "best_valid_result": best_valid_result,
         "test_result": test_result,
     }
+    if ours:  # an extra key; RecBole's four are unchanged
+        result["train_info"] = trainer.train_info(train_data)
     if queue is not None and rank_zero_only.rank == 0:
         queue.put(result)
     return result

@@ -95,6 +95,7 @@ class RecBoleEpochEnd(pl.Callback):
         rb, epoch = self.rb, trainer.current_epoch
         loss = module.pop_epoch_loss()
         rb.train_loss_dict[epoch] = loss
+        rb.epoch_seconds[epoch] = time() - self.started
         if self.verbose:
             rb.logger.info(rb._generate_train_loss_output(epoch, self.started, time(), loss))
         rb._add_train_loss_to_tensorboard(epoch, loss)
@@ -123,6 +124,7 @@ class RecBoleEpochEnd(pl.Callback):
             if self.saved and trainer.is_global_zero:
                 rb._save_checkpoint(epoch, verbose=self.verbose)
             rb.best_valid_result = result
+            rb.best_epoch = epoch
         if self.callback_fn:
             self.callback_fn(epoch, score)
         if stop:
@@ -136,7 +138,8 @@ class RecBoleEpochEnd(pl.Callback):
         result = None if rb.best_valid_result is None else {k: float(v) for k, v in rb.best_valid_result.items()}
         return {"best_valid_score": float(rb.best_valid_score), "cur_step": rb.cur_step,
                 "best_valid_result": result, "train_loss_dict": dict(rb.train_loss_dict),
-                "saved_model_file": rb.saved_model_file}
+                "saved_model_file": rb.saved_model_file, "epoch_seconds": dict(rb.epoch_seconds),
+                "best_epoch": rb.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -155,6 +158,9 @@ class NegSamplingTrainer(Trainer):
         self.saved_model_file = _unused_name(self.saved_model_file)
         self.lightning_dir = os.path.splitext(self.saved_model_file)[0] + "-lightning"
         self.lightning_trainer: pl.Trainer | None = None
+        self.module: NegativeSamplingModule | None = None
+        self.epoch_seconds: dict[int, float] = {}
+        self.best_epoch: int | None = None
 
     def build_module(self) -> NegativeSamplingModule:
         return method_module(self.config["neg_sampler"])(self.model, self.optimizer, self.config)
@@ -181,7 +187,7 @@ class NegSamplingTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.eval_collector.data_collect(train_data)
-        module = self.build_module()
+        module = self.module = self.build_module()
         callbacks: list[pl.Callback] = [RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn)]
         if saved:
             callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0))
@@ -193,3 +199,14 @@ class NegSamplingTrainer(Trainer):
         if lit.is_global_zero:
             self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
+
+    def train_info(self, train_data) -> dict:
+        """What a run cost and what it trained on, beyond RecBole's result dict (for benchmarks)."""
+        return {
+            "epochs": len(self.epoch_seconds),
+            "best_epoch": self.best_epoch,
+            "epoch_seconds": [self.epoch_seconds[e] for e in sorted(self.epoch_seconds)],
+            "sampling_seconds": train_data.sampling_seconds,
+            "negative_history": list(self.module.negative_history) if self.module else [],
+            "device": str(self.device),
+        }

@@ -168,8 +168,12 @@ def test_run_recbole_trains_and_saves_like_recbole(tiny_data, in_tmp, sampler, c
     config = tiny_config(tiny_data, in_tmp, neg_sampler=sampler, candidate_num=20 if sampler == "dns" else 1,
                          epochs=2, top_m=2 if sampler == "dns" else 1)
     result = run_recbole("SASRec", "tiny", config_dict=config)
-    assert set(result) == RECBOLE_KEYS
+    assert set(result) == RECBOLE_KEYS | {"train_info"}
     assert 0 <= result["test_result"]["ndcg@10"] <= 1
+    info = result["train_info"]
+    assert info["epochs"] == 2 and len(info["epoch_seconds"]) == 2 and info["best_epoch"] in (0, 1)
+    assert info["sampling_seconds"] > 0 and [h["epoch"] for h in info["negative_history"]] == [0, 1]
+    assert 0 < info["negative_history"][-1]["catalogue_fraction"] <= 1
     saved = glob.glob(str(in_tmp / "saved" / "SASRec-*.pth"))
     assert len(saved) == 1
     checkpoint = torch.load(saved[0], weights_only=False)

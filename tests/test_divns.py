@@ -17,6 +17,7 @@ from recbole.utils import get_model, init_seed
 import recbole_mdcns
 from recbole_mdcns.config import create_config, sampler_yaml
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
+from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.divns import (
     Q_DENOMINATOR_FLOOR,
     DivNSModule,
@@ -24,9 +25,7 @@ from recbole_mdcns.divns import (
     compact_unique,
     diversity_kernel,
     hard_and_runner_ups,
-    item_representation,
     synthesis_is_exact,
-    negative_stats,
     refresh_diverse_sets,
     synthesize_scores,
 )
@@ -366,7 +365,7 @@ def test_sasrec_run_checkpoint_and_resume(tiny_data, tmp_path, in_tmp):
 
     full = run("full", 3)
     ckpt = _last_ckpt(runs["full"])
-    history = ckpt["divns"]["negative_history"]
+    history = ckpt["negatives"]["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0]["synthetic_row_fraction"] == 0.0  # epoch 0 is plain DNS
     assert history[1]["synthetic_row_fraction"] > 0.9 and history[2]["synthetic_row_fraction"] > 0.9
@@ -375,11 +374,11 @@ def test_sasrec_run_checkpoint_and_resume(tiny_data, tmp_path, in_tmp):
 
     run("first", 2)
     first = _last_ckpt(runs["first"])
-    assert len(first["divns"]["negative_history"]) == 2 and (first["divns"]["diverse_size"] > 0).any()
+    assert len(first["negatives"]["history"]) == 2 and (first["divns"]["diverse_size"] > 0).any()
     (path,) = runs["first"].glob("saved/*-lightning/last.ckpt")
     resumed = run("resumed", 3, resume_from=str(path))
     after = _last_ckpt(runs["resumed"])
-    assert after["divns"]["negative_history"][2]["synthetic_row_fraction"] > 0.9  # continued with loaded D_u
+    assert after["negatives"]["history"][2]["synthetic_row_fraction"] > 0.9  # continued with loaded D_u
     # a resumed run is the uninterrupted one: same weights, same diverse sets, same results
     for key, value in ckpt["state_dict"].items():
         assert torch.allclose(value, after["state_dict"][key], atol=1e-6), key
@@ -393,7 +392,7 @@ def test_fpmc_generic_path_run(tiny_data, tmp_path, in_tmp, monkeypatch, caplog)
     result = recbole_mdcns.run_recbole("FPMC", "tiny", config_dict=tiny_config(
         tiny_data, tmp_path, neg_sampler="divns", epochs=2, divns_kernel="cosine", divns_dpp_mode="greedy",
         state="INFO"))
-    history = _last_ckpt(tmp_path)["divns"]["negative_history"]
+    history = _last_ckpt(tmp_path)["negatives"]["history"]
     assert history[1]["synthetic_row_fraction"] > 0.9
     assert math.isfinite(result["best_valid_score"])
     assert "is fallback: the mix of the two negatives' scores" in caplog.text
@@ -410,8 +409,8 @@ def test_ddp_two_cpu_processes_gather_caches(tiny_data, tmp_path):
            "--accelerator=cpu", "--devices=2", "--strategy=ddp"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    divns = _last_ckpt(tmp_path)["divns"]
-    history = divns["negative_history"]
+    ckpt = _last_ckpt(tmp_path)
+    divns, history = ckpt["divns"], ckpt["negatives"]["history"]
     assert all(h["cache_entries"] > h["cache_entries_local"] for h in history)
     assert history[1]["synthetic_row_fraction"] > 0.9
     assert (divns["diverse_size"] > 0).sum() >= 38  # (almost) every one of the 40 users
