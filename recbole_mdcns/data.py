@@ -23,16 +23,25 @@ class CandidatePoolSampler(Sampler):
     """Vectorised uniform / popularity sampling that excludes each user's training items.
 
     ``used_ids`` is a sorted int64 tensor of keys ``user * item_num + item`` for
-    every (user, item) seen in training, the first items of sequences included.
-    Rejection sampling runs a bounded number of rounds; rows still rejected after
-    that are drawn exactly from their user's complement. A user with no item left
-    to sample raises ``ValueError`` when the sampler is built.
+    every (user, item) seen in training, the first items of sequences included;
+    ``used_bits`` packs the same pairs as one bit each (``[user_num, item_num / 8]``
+    bytes), so testing a draw is one gather. Rejection sampling runs a bounded
+    number of rounds; rows still rejected after that are drawn exactly from their
+    user's complement. A user with no item left to sample raises ``ValueError``
+    when the sampler is built.
     """
 
     def __init__(self, train_dataset, distribution: str = "uniform", alpha: float = 1.0) -> None:
         self.item_seq_field = train_dataset.config["ITEM_ID_FIELD"] + train_dataset.config["LIST_SUFFIX"]
         self.generator = torch.Generator().manual_seed(train_dataset.config["seed"])
         super().__init__(["train"], [train_dataset], distribution, alpha)
+        users, items = self.used_ids // self.item_num, self.used_ids % self.item_num
+        bytes_per_user = (self.item_num + 7) // 8
+        byte, inverse = torch.unique_consecutive(users * bytes_per_user + (items >> 3), return_inverse=True)
+        values = torch.zeros(len(byte), dtype=torch.int16).index_add_(0, inverse, (1 << (items & 7)).short())
+        self.used_bits = torch.zeros(self.user_num * bytes_per_user, dtype=torch.uint8)
+        self.used_bits[byte] = values.to(torch.uint8)  # distinct bits of one byte: their sum is their OR
+        self.used_bits = self.used_bits.view(self.user_num, bytes_per_user)
 
     def get_used_ids(self) -> torch.Tensor:
         inter = self.datasets[0].inter_feat
@@ -63,9 +72,7 @@ class CandidatePoolSampler(Sampler):
         return torch.randint(1, self.item_num, (size,), generator=self.generator)
 
     def _is_used(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        keys = users * self.item_num + items
-        pos = torch.searchsorted(self.used_ids, keys).clamp_(max=len(self.used_ids) - 1)
-        return self.used_ids[pos] == keys
+        return (self.used_bits[users, items >> 3] >> (items & 7)) & 1 == 1
 
     def _complement(self, user: int) -> torch.Tensor:
         lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))

@@ -53,6 +53,15 @@ def test_pool_excludes_training_history_and_keeps_rows(tiny_data, in_tmp):
         assert not history[user] & set(row)
 
 
+def test_used_bitmap_matches_the_used_pairs(tiny_data, in_tmp):
+    _, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=5)
+    sampler = loader._sampler
+    users = torch.arange(ds.user_num).repeat_interleave(ds.item_num)
+    items = torch.arange(ds.item_num).repeat(ds.user_num)
+    expected = torch.isin(users * ds.item_num + items, sampler.used_ids)
+    assert expected.any() and torch.equal(sampler._is_used(users, items), expected)
+
+
 def test_pool_for_user_with_almost_every_item_terminates(tmp_path, in_tmp):
     root = write_dataset(tmp_path / "data", name="dense", n_users=6, n_items=20)
     inter = root / "dense" / "dense.inter"
