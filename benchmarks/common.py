@@ -1,0 +1,216 @@
+"""Helpers shared by the benchmarks: peak-memory probes, device and provenance records.
+
+Peak memory on CPU is the process's resident-set high-water mark (``VmHWM`` in
+``/proc/self/status``). On Linux it can be reset (``echo 5 > /proc/self/clear_refs``),
+so the peak of one phase -- a training epoch, one grid cell -- is measured as
+``VmHWM after - VmRSS at the reset``: everything torch, numpy and Python allocate
+is counted (``tracemalloc`` does not see torch's allocator). Where the reset is not
+available, :class:`PeakMemory` polls the RSS from a thread every millisecond instead.
+On CUDA the figure is ``torch.cuda.max_memory_allocated`` after a reset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def rss_mib() -> float | None:
+    """Current resident set size of this process, MiB."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib / 1024
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / MIB
+    except ImportError:
+        return None
+
+
+def lifetime_peak_rss_mib() -> float:
+    """``ru_maxrss`` of this process: the peak over its whole life, MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (MIB if sys.platform == "darwin" else 1024)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+class PeakMemory:
+    """Peak memory of the code inside ``with``: CPU resident set, and CUDA when given a CUDA device.
+
+    After the block: ``baseline_mib`` (RSS when entering), ``peak_mib`` (highest RSS inside),
+    ``delta_mib`` (``peak - baseline``), ``method`` (how it was measured), and for CUDA
+    ``cuda_peak_mib`` / ``cuda_delta_mib`` (allocated tensors, PyTorch's allocator).
+    """
+
+    def __init__(self, device=None, poll_seconds: float = 0.001) -> None:
+        self.cuda = device is not None and str(device).startswith("cuda")
+        self.poll_seconds = poll_seconds
+        self.baseline_mib = self.peak_mib = self.delta_mib = None
+        self.cuda_peak_mib = self.cuda_delta_mib = None
+        self.method = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._polled = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
+        self.baseline_mib = rss_mib()
+        if _reset_hwm():
+            self.method = "VmHWM after clear_refs reset"
+        else:
+            self.method = f"RSS polled every {self.poll_seconds * 1000:g} ms"
+            self._polled = self.baseline_mib or 0.0
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._polled = max(self._polled, rss_mib() or 0.0)
+            time.sleep(self.poll_seconds)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.cuda_peak_mib = torch.cuda.max_memory_allocated() / MIB
+            self.cuda_delta_mib = (torch.cuda.max_memory_allocated() - self._cuda_base) / MIB
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = max(self._polled, rss_mib() or 0.0)
+        else:
+            self.peak_mib = _status_kib("VmHWM") / 1024
+        if self.baseline_mib is not None:
+            self.delta_mib = self.peak_mib - self.baseline_mib
+
+    def as_dict(self) -> dict:
+        return {"baseline_rss_mib": self.baseline_mib, "peak_rss_mib": self.peak_mib,
+                "peak_rss_delta_mib": self.delta_mib, "cuda_peak_mib": self.cuda_peak_mib,
+                "cuda_peak_delta_mib": self.cuda_delta_mib, "memory_method": self.method}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device=None) -> dict:
+    """What ran the benchmark: the torch device, CPU model and threads, GPU name."""
+    import torch
+
+    info = {"device": str(device) if device is not None else None, "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "recbole", "pytorch-lightning", "recbole-mdcns", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state() -> dict:
+    """Commit of the checkout and whether it had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            return {"commit": None, "dirty": None}  # not a git checkout (e.g. a copied tree)
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def command_line(argv: list[str] | None = None, module: str | None = None) -> str:
+    """The command as a person would type it again (``python -m module args``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    head = ["python", "-m", module] if module else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in head + list(argv))
+
+
+def to_jsonable(value):
+    """JSON-safe copy of configs and results (numpy scalars, tensors, devices, enums, sets)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return to_jsonable(value.item())
+    if hasattr(value, "tolist"):
+        return to_jsonable(value.tolist())
+    return str(value)
+
+
+def dumps(value) -> str:
+    return json.dumps(to_jsonable(value), sort_keys=True)
+
+
+def quiet_warnings() -> None:
+    """RecBole 1.2.1 on pandas 2 prints FutureWarnings on every dataset load."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pytorch_lightning")
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning_fabric")

@@ -1,0 +1,169 @@
+"""What ``run_recbole`` does not return, read off RecBole's own trainer hooks while a cell runs.
+
+``recbole_mdcns.run_recbole`` returns RecBole's result dict only. Until it also
+returns training information (see ``benchmarks/README.md``, "result keys"), the
+harness wraps, for the duration of one cell and at class level:
+
+* ``recbole.trainer.Trainer.__init__`` -- the final config (every default resolved) and the trainer;
+* ``Trainer._generate_train_loss_output(epoch, start, end, loss)`` -- called once per
+  training epoch by RecBole's ``fit`` and by recbole-mdcns' Lightning loop alike:
+  epochs run and training seconds per epoch (validation excluded);
+* ``Trainer._valid_epoch`` -- validation score per evaluated epoch (the self model
+  only: calls made while ``trainer.model`` is another model, e.g. MDCNS' peer, are
+  not counted) -> epoch of the best validation score, replayed through RecBole's
+  ``early_stopping``;
+* ``_neg_sampling`` of RecBole's training loaders and of recbole-mdcns'
+  candidate loader -- seconds spent drawing negatives / candidate pools in the
+  loader (RecBole's dynamic DNS also scores its candidates there; recbole-mdcns
+  scores its pool in the training step, which this does not see);
+* ``NegSamplingTrainer.build_module`` -- the LightningModule, whose
+  ``negative_history`` (DivNS' negative-diversity records) and
+  ``extra_valid_results`` (MDCNS' peer / ensemble validation) are copied if present.
+
+Every field is ``None`` when its hook did not fire (a model with its own trainer,
+a future refactor), so the harness never fails for want of it.
+"""
+from __future__ import annotations
+
+from time import perf_counter
+
+
+class TrainingProbe:
+    def __init__(self) -> None:
+        self.config = None
+        self.trainer = None
+        self.self_model = None
+        self.module = None
+        self.epochs: list[tuple[int, float]] = []        # (epoch, training seconds)
+        self.valid: list[tuple[int, float, float]] = []  # (epoch, score, seconds)
+        self.loader_sampling_s = 0.0
+        self.loader_sampling_calls = 0
+        self._sampling_depth = 0
+        self._patches: list[tuple[type, str, object]] = []
+
+    # -- patching ---------------------------------------------------------------------------
+    def _patch(self, cls: type, name: str, make) -> None:
+        if name not in cls.__dict__:
+            return
+        original = cls.__dict__[name]
+        self._patches.append((cls, name, original))
+        setattr(cls, name, make(original))
+
+    def __enter__(self) -> "TrainingProbe":
+        from recbole.data.dataloader import abstract_dataloader, general_dataloader
+        from recbole.trainer import Trainer
+
+        probe = self
+
+        def init(original):
+            def wrapper(trainer, config, model, *args, **kwargs):
+                original(trainer, config, model, *args, **kwargs)
+                if probe.trainer is None:
+                    probe.trainer, probe.config, probe.self_model = trainer, config, model
+            return wrapper
+
+        def train_output(original):
+            def wrapper(trainer, epoch_idx, s_time, e_time, *args, **kwargs):
+                if trainer is probe.trainer:
+                    probe.epochs.append((int(epoch_idx), float(e_time - s_time)))
+                return original(trainer, epoch_idx, s_time, e_time, *args, **kwargs)
+            return wrapper
+
+        def valid_epoch(original):
+            def wrapper(trainer, *args, **kwargs):
+                start = perf_counter()
+                out = original(trainer, *args, **kwargs)
+                if trainer is probe.trainer and trainer.model is probe.self_model:
+                    epoch = probe.epochs[-1][0] if probe.epochs else len(probe.valid)
+                    probe.valid.append((epoch, float(out[0]), perf_counter() - start))
+                return out
+            return wrapper
+
+        def neg_sampling(original):
+            def wrapper(loader, *args, **kwargs):
+                if probe._sampling_depth:  # a subclass calling its parent's: count once
+                    return original(loader, *args, **kwargs)
+                probe._sampling_depth += 1
+                start = perf_counter()
+                try:
+                    out = original(loader, *args, **kwargs)
+                finally:
+                    probe._sampling_depth -= 1
+                if isinstance(loader, general_dataloader.TrainDataLoader):
+                    probe.loader_sampling_s += perf_counter() - start
+                    probe.loader_sampling_calls += 1
+                return out
+            return wrapper
+
+        self._patch(Trainer, "__init__", init)
+        self._patch(Trainer, "_generate_train_loss_output", train_output)
+        self._patch(Trainer, "_valid_epoch", valid_epoch)
+        loaders = [abstract_dataloader.NegSampleDataLoader, general_dataloader.TrainDataLoader]
+        try:
+            from recbole_mdcns import data as mdcns_data
+            from recbole_mdcns import trainer as mdcns_trainer
+
+            loaders.append(mdcns_data.CandidateTrainDataLoader)
+
+            def build_module(original):
+                def wrapper(trainer, *args, **kwargs):
+                    module = original(trainer, *args, **kwargs)
+                    if trainer is probe.trainer:
+                        probe.module = module
+                    return module
+                return wrapper
+
+            self._patch(mdcns_trainer.NegSamplingTrainer, "build_module", build_module)
+        except (ImportError, AttributeError):
+            pass
+        for cls in loaders:
+            self._patch(cls, "_neg_sampling", neg_sampling)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in reversed(self._patches):
+            setattr(cls, name, original)
+        self._patches.clear()
+
+    # -- results ----------------------------------------------------------------------------
+    def best_epoch(self) -> int | None:
+        """Epoch whose validation RecBole kept as best (its ``early_stopping`` rule, ties to the later)."""
+        if not self.valid:
+            return None
+        from recbole.utils import early_stopping
+
+        bigger = bool(self.config["valid_metric_bigger"]) if self.config is not None else True
+        best, step, best_epoch = (-float("inf") if bigger else float("inf")), 0, None
+        for epoch, score, _ in self.valid:
+            best, step, _, update = early_stopping(score, best, step, max_step=10**9, bigger=bigger)
+            if update:
+                best_epoch = epoch
+        return best_epoch
+
+    def summary(self) -> dict:
+        epoch_seconds = [seconds for _, seconds in self.epochs]
+        train_s = sum(epoch_seconds) if epoch_seconds else None
+        module = self.module
+        return {
+            "epochs": len(self.epochs) or None,
+            "best_epoch": self.best_epoch(),
+            "epoch_seconds": epoch_seconds or None,
+            "train_seconds": train_s,
+            "seconds_per_epoch": train_s / len(epoch_seconds) if epoch_seconds else None,
+            "valid_seconds": sum(v[2] for v in self.valid) if self.valid else None,
+            "valid_scores": [[e, s] for e, s, _ in self.valid] or None,
+            "loader_sampling_seconds": self.loader_sampling_s if self.loader_sampling_calls else None,
+            "loader_sampling_share": (self.loader_sampling_s / train_s
+                                      if self.loader_sampling_calls and train_s else None),
+            "negative_history": list(getattr(module, "negative_history", None) or []) or None,
+            "extra_valid_results": list(getattr(module, "extra_valid_results", None) or []) or None,
+            "device": str(self.config["device"]) if self.config is not None else None,
+        }
+
+    def final_config(self) -> dict | None:
+        """Every key of the run's resolved RecBole config (JSON-safe)."""
+        if self.config is None:
+            return None
+        from benchmarks.common import to_jsonable
+
+        return to_jsonable(dict(self.config.final_config_dict))

@@ -1,0 +1,547 @@
+"""Benchmark harness: run a grid of samplers x models x datasets x seeds through ``run_recbole``.
+
+    python -m benchmarks.run --grid benchmarks/grids/cpu_baselines.yaml
+    python -m benchmarks.run --grid benchmarks/grids/smoke.yaml --dry-run     # list cells and their state
+    python -m benchmarks.run --grid benchmarks/grids/cpu_baselines.yaml --timing   # interleaved epoch-time ratios
+    python -m benchmarks.report                                               # -> benchmarks/RESULTS.md
+
+Each cell is one ``recbole_mdcns.run_recbole(model, dataset, config_dict=...)`` call,
+by default in a fresh subprocess (clean peak-memory figures; a crash or an
+out-of-memory kill costs that cell only). Its record is appended to the grid's
+results file (JSON Lines) the moment the cell ends; re-running the same grid
+skips every cell that already has an ``ok`` record, so a killed run loses at most
+the cell it was in. Nothing is ever rewritten: a changed setting is a new cell
+(cells are keyed by a hash of their full config), a failed cell is recorded as
+``status: error`` and tried again on the next run.
+
+The grid file (YAML)::
+
+    name: cpu_baselines                  # default: the file's stem
+    preset: cpu                          # base settings from benchmarks/presets.py (smoke | cpu | paper)
+    results: benchmarks/results/cpu.jsonl   # default: benchmarks/results/<preset or name>.jsonl
+    config: {stopping_step: 5}           # RecBole settings for every cell, over the preset
+    datasets:                            # label: settings (a list of names works too)
+      ml-100k: {}                        # ships with RecBole
+      lastfm: {data_path: ../shared/datasets}   # relative paths: from the directory you run in
+    models:
+      SASRec: {}
+      GRU4Rec: {hidden_size: 64}
+    samplers:                            # label: settings; the label names the row in the report
+      uniform: {neg_sampler: uniform}
+      dns: {neg_sampler: dns, candidate_num: 100}
+    seeds: [2020, 2021, 2022]
+    baselines: [uniform, dns]            # default: labels whose neg_sampler is uniform|popularity|dns|recbole
+
+An entry's settings may name ``dataset:`` / ``model:`` to use a label other than
+the RecBole name. Settings merge as preset < config < dataset < model < sampler < seed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import (
+    REPO_ROOT, PeakMemory, command_line, describe_device, dumps, git_state, lifetime_peak_rss_mib,
+    quiet_warnings, to_jsonable, versions,
+)
+from benchmarks.presets import preset as preset_settings
+
+SCHEMA = 1
+BASELINE_SAMPLERS = ("uniform", "popularity", "dns", "recbole")
+# settings that change how a cell logs or where it writes, not what it computes: not part of its key
+NON_SEMANTIC = ("checkpoint_dir", "state", "show_progress", "log_wandb", "worker")
+RESULT_TAG = "BENCHMARK_CELL_DONE "
+
+
+@dataclass
+class Cell:
+    grid: str
+    preset: str | None
+    sampler: str
+    model_label: str
+    model: str
+    dataset_label: str
+    dataset: str
+    seed: int
+    role: str                       # "baseline" | "proposed"
+    config: dict                    # as written in the grid (relative data_path kept)
+    results: str                    # absolute path of the results file
+    data_path: str | None = None    # absolute data_path (the config keeps the grid's spelling)
+    key: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = cell_key(self)
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler} | {self.model_label} | {self.dataset_label} | seed {self.seed}"
+
+    @property
+    def group(self) -> str:
+        """Cells that differ only in their seed share a group (mean / std over seeds)."""
+        config = {k: v for k, v in self.config.items() if k not in NON_SEMANTIC and k != "seed"}
+        return _hash({"model": self.model, "dataset": self.dataset, "sampler": self.sampler, "config": config})
+
+    def run_config(self, workdir: Path) -> dict:
+        """The config dict handed to ``run_recbole``: paths made absolute, a private checkpoint dir."""
+        config = copy.deepcopy(self.config)
+        if self.data_path:
+            config["data_path"] = self.data_path
+        config["checkpoint_dir"] = str(workdir / self.key / "saved")
+        return config
+
+
+def _hash(value) -> str:
+    return hashlib.sha1(dumps(value).encode()).hexdigest()[:16]
+
+
+def cell_key(cell: Cell) -> str:
+    config = {k: v for k, v in cell.config.items() if k not in NON_SEMANTIC}
+    return _hash({"model": cell.model, "dataset": cell.dataset, "sampler": cell.sampler,
+                  "model_label": cell.model_label, "dataset_label": cell.dataset_label, "config": config})
+
+
+# --------------------------------------------------------------------------------- grid file
+def _entries(raw, name_key: str | None, what: str) -> list[tuple[str, str | None, dict]]:
+    """``[(label, recbole_name, settings)]`` from a mapping or a list of names / one-key mappings."""
+    if raw is None:
+        raise ValueError(f"grid has no {what}")
+    items = []
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    else:
+        for entry in raw:
+            if isinstance(entry, str):
+                items.append((entry, {}))
+            elif isinstance(entry, dict) and len(entry) == 1:
+                items.append(next(iter(entry.items())))
+            else:
+                raise ValueError(f"{what}: each entry is a name or {{label: settings}}, got {entry!r}")
+    out = []
+    for label, settings in items:
+        settings = copy.deepcopy(settings or {})
+        if not isinstance(settings, dict):
+            raise ValueError(f"{what} {label!r}: settings must be a mapping, got {settings!r}")
+        recbole_name = settings.pop(name_key, label) if name_key else None
+        out.append((str(label), recbole_name, settings))
+    return out
+
+
+def load_grid(path: str | Path, preset: str | None = None, seeds: list[int] | None = None,
+              results: str | None = None) -> list[Cell]:
+    """Every cell of a grid file, in run order (dataset, model, seed, sampler)."""
+    path = Path(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    name = raw.get("name", path.stem)
+    preset = preset or raw.get("preset")
+    base = preset_settings(preset) if preset else {}
+    base.update(copy.deepcopy(raw.get("config") or {}))
+    results = os.path.abspath(results or raw.get("results") or f"benchmarks/results/{preset or name}.jsonl")
+    seeds = seeds or raw.get("seeds") or [2020]
+    samplers = _entries(raw.get("samplers"), None, "samplers")
+    baselines = raw.get("baselines")
+    cells = []
+    for d_label, dataset, d_conf in _entries(raw.get("datasets"), "dataset", "datasets"):
+        for m_label, model, m_conf in _entries(raw.get("models"), "model", "models"):
+            for seed in seeds:
+                for s_label, _, s_conf in samplers:
+                    config = {**base, **d_conf, **m_conf, **s_conf, "seed": int(seed)}
+                    config.setdefault("neg_sampler", "recbole")
+                    if baselines is not None:
+                        role = "baseline" if s_label in baselines else "proposed"
+                    else:
+                        role = "baseline" if config["neg_sampler"] in BASELINE_SAMPLERS else "proposed"
+                    cells.append(Cell(grid=name, preset=preset, sampler=s_label, model_label=m_label, model=model,
+                                      dataset_label=d_label, dataset=dataset, seed=int(seed), role=role,
+                                      config=copy.deepcopy(config), results=results,
+                                      data_path=os.path.abspath(config["data_path"]) if config.get("data_path")
+                                      else None))
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: two cells have the same settings (duplicate labels or seeds?)")
+    return cells
+
+
+# ------------------------------------------------------------------------------ results file
+def read_results(path: str | Path) -> list[dict]:
+    """Every complete record of a JSON Lines results file (a torn last line is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"[results] {path}:{number}: skipping an incomplete line", file=sys.stderr)
+    return records
+
+
+def append_result(path: str | Path, record: dict) -> None:
+    """Append one record as one line, under an exclusive lock, flushed to disk. A torn last
+    line (a writer killed mid-write) is left as it is and skipped by :func:`read_results`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(to_jsonable(record), sort_keys=True) + "\n"
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a writer killed mid-line: start on a fresh line
+                    line = "\n" + line
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def finished_keys(path: str | Path) -> set[str]:
+    return {r["key"] for r in read_results(path) if r.get("status") == "ok" and "key" in r}
+
+
+# ----------------------------------------------------------------------------------- one cell
+def _metrics(result: dict | None) -> dict | None:
+    return None if result is None else {str(k): float(v) for k, v in dict(result).items()}
+
+
+def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False) -> dict:
+    """Run one cell in this process and return its record (status ok or error).
+
+    ``isolated``: this process exists for this cell alone (``peak_memory_mib`` is then its
+    lifetime peak RSS; otherwise the peak RSS since the cell started, which also counts
+    what the process held before it)."""
+    import recbole_mdcns  # noqa: F401  (RecBole compat shims)
+    from benchmarks.probe import TrainingProbe
+
+    quiet_warnings()
+    config = cell.run_config(workdir)
+    record = {"schema": SCHEMA, "key": cell.key, "group": cell.group, "cell": _cell_fields(cell),
+              "config": cell.config, "run_config": config, "command": command, "git": git_state(),
+              "versions": versions(), "started_at": _now()}
+    start = time.perf_counter()
+    probe = TrainingProbe()
+    peak = None
+    try:
+        device = "cuda" if config.get("use_gpu", True) and _cuda_available() else "cpu"
+        with probe, PeakMemory(device) as peak:
+            result = recbole_mdcns.run_recbole(model=cell.model, dataset=cell.dataset, config_dict=config, saved=True)
+        info = probe.summary()
+        train_info = result.get("train_info") if isinstance(result, dict) else None
+        record.update(status="ok", **_result_fields(result, info, train_info))
+    except Exception as error:  # noqa: BLE001 -- one failed cell must not stop the grid
+        record.update(status="error", error=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc()[-4000:], **{"probe": probe.summary()})
+    record["wall_seconds"] = time.perf_counter() - start
+    record["finished_at"] = _now()
+    record["memory"] = peak.as_dict() if peak is not None and peak.peak_mib is not None else None
+    record["isolation"] = "subprocess" if isolated else "in-process"
+    if isolated:
+        record["peak_memory_mib"] = lifetime_peak_rss_mib()
+        record["peak_memory_method"] = "ru_maxrss of the cell's own process"
+    else:
+        record["peak_memory_mib"] = record["memory"]["peak_rss_mib"] if record["memory"] else None
+        record["peak_memory_method"] = ("peak RSS of the harness process during the cell "
+                                        f"({record['memory']['memory_method'] if record['memory'] else None})")
+    if record["memory"] and record["memory"].get("cuda_peak_mib") is not None:
+        record["peak_cuda_mib"] = record["memory"]["cuda_peak_mib"]
+    record["resolved_config"] = probe.final_config()
+    record["device"] = describe_device(info_device(probe))
+    return record
+
+
+def info_device(probe) -> str | None:
+    return str(probe.config["device"]) if probe.config is not None else None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _cell_fields(cell: Cell) -> dict:
+    fields = asdict(cell)
+    fields.pop("config")
+    return fields
+
+
+def _result_fields(result: dict, info: dict, train_info: dict | None) -> dict:
+    """Metrics from RecBole's result dict; training figures from ``result['train_info']`` (what
+    recbole-mdcns returns for its samplers), else from the probe (RecBole's own trainer)."""
+    train_info = dict(train_info or {})
+    source = "train_info" if train_info.get("epoch_seconds") else ("probe" if info["epoch_seconds"] else None)
+    train_seconds = train_info.get("epoch_seconds") or info["epoch_seconds"]
+    history = train_info.get("negative_history") or result.get("negative_stats") or info["negative_history"]
+    # A method's own epoch-end work (DivNS' k-DPP refresh) runs in the LightningModule's
+    # on_train_epoch_end, after the trainer has taken the epoch's time: add it back.
+    end_work = {}
+    for entry in history or []:
+        if isinstance(entry, dict) and entry.get("refresh_seconds") is not None:
+            end_work[int(entry.get("epoch", len(end_work)))] = float(entry["refresh_seconds"])
+    epoch_seconds = ([s + end_work.get(i, 0.0) for i, s in enumerate(train_seconds)]
+                     if train_seconds else None)
+    total = sum(epoch_seconds) if epoch_seconds else None
+    sampling_seconds = train_info.get("sampling_seconds")
+    if sampling_seconds is not None and total:
+        sampling_share, sampling_source = sampling_seconds / total, "train_info"
+    elif info["loader_sampling_seconds"] is not None and total:
+        sampling_seconds = info["loader_sampling_seconds"]
+        sampling_share, sampling_source = sampling_seconds / total, "loader"
+    else:
+        sampling_share, sampling_source = None, None
+    return {
+        "best_valid_score": float(result["best_valid_score"]),
+        "valid": _metrics(result.get("best_valid_result")),
+        "test": _metrics(result.get("test_result")),
+        "epochs": train_info.get("epochs", info["epochs"]),
+        "best_epoch": train_info.get("best_epoch", info["best_epoch"]),
+        "epoch_seconds": epoch_seconds,
+        "seconds_per_epoch": total / len(epoch_seconds) if epoch_seconds else None,
+        "epoch_seconds_source": source,
+        "epoch_end_seconds": sum(end_work.values()) if end_work else None,
+        "valid_seconds": info["valid_seconds"],
+        "valid_scores": info["valid_scores"],
+        "sampling_seconds": sampling_seconds,
+        "sampling_share": sampling_share,
+        "sampling_share_source": sampling_source,
+        "negative_stats": history or None,
+        "extra_valid_results": result.get("extra_valid_results") or info["extra_valid_results"],
+        "train_info": train_info or None,
+        "probe": {k: v for k, v in info.items() if k != "negative_history"},
+        "result_keys": sorted(result),
+    }
+
+
+# ------------------------------------------------------------------------------- orchestration
+def _child_env() -> dict:
+    paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float | None) -> dict | None:
+    """Run the cell in a fresh interpreter that appends its own record; returns that record,
+    or an error record (appended here) when the child died without writing one."""
+    cell_dir = workdir / cell.key
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    spec = cell_dir / "cell.json"
+    spec.write_text(json.dumps({"cell": asdict(cell), "command": command, "workdir": str(workdir)}))
+    log = cell_dir / "log.txt"
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--run-cell", str(spec)],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=_child_env(),
+                                  timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = log.read_text(errors="replace")
+    done = [line for line in text.splitlines() if line.startswith(RESULT_TAG)]
+    if done:
+        return json.loads(done[-1][len(RESULT_TAG):])
+    record = {"schema": SCHEMA, "key": cell.key, "group": cell.group, "cell": _cell_fields(cell),
+              "config": cell.config, "command": command, "status": "error",
+              "error": f"cell process ended ({code}) without a result", "log_tail": text[-4000:],
+              "wall_seconds": time.perf_counter() - start, "finished_at": _now()}
+    append_result(cell.results, record)
+    return record
+
+
+def _child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    cell = Cell(**spec["cell"])
+    record = run_cell(cell, Path(spec["workdir"]), spec["command"], isolated=True)
+    append_result(cell.results, record)
+    summary = {k: record.get(k) for k in ("key", "status", "error", "wall_seconds", "test", "epochs")}
+    print(RESULT_TAG + json.dumps(to_jsonable(summary)), flush=True)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _describe(record: dict) -> str:
+    if record.get("status") != "ok":
+        return f"ERROR {record.get('error')}"
+    test = record.get("test") or {}
+    spe = record.get("seconds_per_epoch")
+    return (f"ok: test NDCG@10 {test.get('ndcg@10', float('nan')):.4f}, epochs {record.get('epochs')}, "
+            f"{'%.1f' % spe if spe else '?'} s/epoch, {record.get('wall_seconds', 0):.0f}s")
+
+
+def run_grid(cells: list[Cell], command: str, in_process: bool = False, keep_checkpoints: bool = False,
+             timeout: float | None = None, stop_on_error: bool = False, workdir: Path | None = None) -> list[dict]:
+    """Run the unfinished cells in order; returns the records written by this call."""
+    written = []
+    done = set()
+    for results in {c.results for c in cells}:
+        done |= finished_keys(results)
+    todo = [c for c in cells if c.key not in done]
+    print(f"[grid] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", flush=True)
+    for index, cell in enumerate(todo, 1):
+        base = Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid).resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        print(f"[{index}/{len(todo)}] {cell.name} ({cell.key}) ...", flush=True)
+        if in_process:
+            with _cwd(base):
+                record = run_cell(cell, base, command)
+            append_result(cell.results, record)
+        else:
+            record = run_cell_subprocess(cell, base, command, timeout)
+        written.append(record)
+        print(f"[{index}/{len(todo)}] {_describe(record)}", flush=True)
+        if not keep_checkpoints:
+            shutil.rmtree(base / cell.key / "saved", ignore_errors=True)
+        if stop_on_error and record.get("status") != "ok":
+            break
+    return written
+
+
+# ------------------------------------------------------------------------------ timing mode
+def run_timing(cells: list[Cell], rounds: int, command: str, reference: str | None = None,
+               warmup: int = 0) -> list[dict]:
+    """Per (model, dataset), one epoch of every sampler interleaved in this process
+    (benchmarks.epoch_time's method); one record per (model, dataset) appended to
+    ``<results>.timing.jsonl``, skipped when one with the same settings exists."""
+    from benchmarks import epoch_time
+
+    epoch_time._silence()
+    written = []
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.results, cell.model_label, cell.dataset_label), [])
+        if cell.seed == min(c.seed for c in cells):
+            groups[(cell.results, cell.model_label, cell.dataset_label)].append(cell)
+    for (results, model_label, dataset_label), group in groups.items():
+        path = Path(results).with_suffix(".timing.jsonl")
+        key = _hash({"rounds": rounds, "warmup": warmup, "cells": sorted(c.key for c in group)})
+        if any(r.get("key") == key for r in read_results(path)):
+            print(f"[timing] {model_label} on {dataset_label}: already measured ({key})")
+            continue
+        workdir = (REPO_ROOT / "benchmarks" / ".work" / group[0].grid / "timing").resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        labels = [c.sampler for c in group]
+        with _cwd(workdir):
+            variants = {c.sampler: epoch_time.Variant(c.sampler, {"epochs": 1}, c.run_config(workdir),
+                                                      c.model, c.dataset) for c in group}
+            for _ in range(warmup):
+                for label in labels:
+                    variants[label].run_epoch()
+            times = {label: {"epoch_s": [], "fit_s": []} for label in labels}
+            for rnd in range(rounds):
+                order = labels[rnd % len(labels):] + labels[:rnd % len(labels)]
+                for label in order:
+                    for k, v in variants[label].run_epoch().items():
+                        times[label][k].append(v)
+                    print(f"[timing] round {rnd + 1}: {label} {times[label]['epoch_s'][-1]:.2f}s", flush=True)
+        ref = reference or next((c.sampler for c in group if c.config.get("neg_sampler") == "uniform"), labels[0])
+        summary = epoch_time.summarize(times, {}, reference=ref)
+        device = next(iter(variants.values())).device
+        record = {"schema": SCHEMA, "key": key, "grid": group[0].grid, "preset": group[0].preset,
+                  "model": model_label, "dataset": dataset_label, "reference": ref, "rounds": rounds,
+                  "warmup": warmup,
+                  "cells": {c.sampler: c.key for c in group}, "times": times, "summary": summary,
+                  "command": command, "device": describe_device(device), "git": git_state(),
+                  "versions": versions(), "finished_at": _now()}
+        append_result(path, record)
+        written.append(record)
+        print(epoch_time.render(summary, times, {}, reference=ref), flush=True)
+    return written
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--grid", help="grid YAML file")
+    parser.add_argument("--preset", help="override the grid's preset (smoke | cpu | paper)")
+    parser.add_argument("--results", help="override the grid's results file")
+    parser.add_argument("--seeds", help="override the grid's seeds, comma-separated")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only cells whose 'sampler | model | dataset | seed N' matches this glob "
+                             "(repeatable, e.g. --only 'dns*')")
+    parser.add_argument("--limit", type=int, help="run at most this many unfinished cells")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run cells in this process (faster start; peak memory then reset per cell)")
+    parser.add_argument("--cell-timeout", type=float, help="seconds before a cell's process is killed")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's RecBole checkpoint")
+    parser.add_argument("--stop-on-error", action="store_true")
+    parser.add_argument("--workdir", help="scratch folder (logs, checkpoints); default benchmarks/.work/<grid>")
+    parser.add_argument("--timing", action="store_true",
+                        help="instead of the grid: one epoch per sampler, interleaved, per model x dataset "
+                             "(first seed), time ratios to <results>.timing.jsonl")
+    parser.add_argument("--timing-rounds", type=int, default=2)
+    parser.add_argument("--timing-warmup", type=int, default=0, help="untimed epochs per sampler first")
+    parser.add_argument("--run-cell", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.run_cell:
+        _child_main(args.run_cell)
+        return []
+    if not args.grid:
+        raise SystemExit("--grid GRID.yaml is required")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    cells = load_grid(args.grid, preset=args.preset, seeds=seeds, results=args.results)
+    if args.only:
+        cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pattern) for pattern in args.only)]
+    command = command_line(argv, "benchmarks.run")
+    if args.dry_run:
+        done = set()
+        for results in {c.results for c in cells}:
+            done |= finished_keys(results)
+        for cell in cells:
+            print(f"{'done' if cell.key in done else 'todo'}  {cell.key}  {cell.name}  -> {cell.results}")
+        return []
+    if args.timing:
+        return run_timing(cells, args.timing_rounds, command, warmup=args.timing_warmup)
+    if args.limit is not None:
+        done = set()
+        for results in {c.results for c in cells}:
+            done |= finished_keys(results)
+        cells = [c for c in cells if c.key not in done][:args.limit]
+    workdir = Path(args.workdir).resolve() if args.workdir else None
+    return run_grid(cells, command, in_process=args.in_process, keep_checkpoints=args.keep_checkpoints,
+                    timeout=args.cell_timeout, stop_on_error=args.stop_on_error, workdir=workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The benchmark harness end to end on a tiny dataset: grid -> results (append-only, resumable) -> report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import write_dataset
+
+from benchmarks import report, run
+
+try:
+    import matplotlib  # noqa: F401  (the `bench` extra; without it the report has no plots)
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _grid(tmp_path: Path) -> Path:
+    """The repository's smoke grid, pointed at a tiny dataset and a private results file."""
+    grid = yaml.safe_load((REPO / "benchmarks" / "grids" / "smoke.yaml").read_text())
+    write_dataset(tmp_path / "data")
+    grid["datasets"] = {"tiny": {"data_path": str(tmp_path / "data")}}
+    grid["results"] = str(tmp_path / "results" / "smoke.jsonl")
+    grid["baselines"] = ["uniform"]  # so the report has a proposed row and an Improv. row
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_grid_cells_and_keys(tmp_path):
+    cells = run.load_grid(_grid(tmp_path))
+    assert [(c.sampler, c.seed) for c in cells] == [("uniform", 2020), ("dns-10", 2020),
+                                                    ("uniform", 2021), ("dns-10", 2021)]
+    assert cells[1].config["candidate_num"] == 10 and cells[1].config["MAX_ITEM_LIST_LENGTH"] == 10
+    assert cells[0].role == "baseline" and cells[1].role == "proposed"
+    assert cells[0].group == cells[2].group != cells[1].group  # seeds of one setting share a group
+    assert len({c.key for c in cells}) == 4
+    again = run.load_grid(_grid(tmp_path))
+    assert [c.key for c in again] == [c.key for c in cells]  # keys are stable across runs
+
+
+def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grid = _grid(tmp_path)
+    results = tmp_path / "results" / "smoke.jsonl"
+    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--in-process"]
+
+    # an interrupted run: 3 of the 4 cells finished, the 4th was killed while its line was being written
+    first = run.main(common + ["--limit", "3"])
+    assert [r["status"] for r in first] == ["ok"] * 3, [r.get("traceback") for r in first]
+    with open(results, "a") as f:
+        f.write('{"key": "torn')
+    before = results.read_bytes()
+
+    # the resumed run takes the default path: each cell in a fresh process, which appends its own record
+    second = run.main(common[:-1])
+    assert len(second) == 1 and second[0]["status"] == "ok", second
+    assert results.read_bytes().startswith(before)  # appended, never rewritten
+    assert run.main(common) == []  # everything done: nothing runs
+
+    records = [r for r in run.read_results(results) if r.get("status") == "ok"]
+    assert len(records) == 4 and len({r["key"] for r in records}) == 4
+    for r in records:
+        assert set(r["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+        assert set(r["valid"]) == set(r["test"])
+        assert r["epochs"] == 2 and r["best_epoch"] in (0, 1) and len(r["epoch_seconds"]) == 2
+        assert r["seconds_per_epoch"] > 0 and r["peak_memory_mib"] > 0
+        assert r["device"]["device"] == "cpu" and r["command"].startswith("python -m benchmarks.run")
+        assert r["resolved_config"]["neg_sampler"] == r["config"]["neg_sampler"]
+        assert r["resolved_config"]["candidate_num"] == r["config"].get("candidate_num", 1)
+        assert 0 <= r["sampling_share"] < 1
+    assert [r["isolation"] for r in records] == ["in-process"] * 3 + ["subprocess"]
+
+    out = report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = out.read_text()
+    assert "## SASRec on tiny (preset `smoke`)" in text
+    assert text.count("**") >= 2 * 6  # a bold best in every metric column
+    assert "| Improv. |" in text and "python -m benchmarks.run --grid" in text
+    table = [line for line in text.splitlines() if line.startswith("| uniform") or line.startswith("| dns-10")]
+    assert len(table) == 2 and "± " in table[0]  # mean ± std over two seeds
+    if HAVE_MATPLOTLIB:
+        for name in ("smoke_ndcg10.png", "smoke_ndcg10_vs_time.png"):
+            png = tmp_path / "plots" / name
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"](plots/{name})" in text
+
+
+def test_results_file_tolerates_torn_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run.append_result(path, {"key": "a", "status": "ok"})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "sta')
+    run.append_result(path, {"key": "c", "status": "error"})
+    assert run.finished_keys(path) == {"a"}
+    assert json.loads(path.read_text().splitlines()[0])["key"] == "a"
