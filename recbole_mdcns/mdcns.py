@@ -317,6 +317,10 @@ def _is_number(value, low: float, strict: bool) -> bool:
 
 
 def _validate_weights(config) -> None:
+    for name in ("beta", "beta_div", "mu"):  # the paper's names; no sequential model reads them
+        if config[name] is not None:
+            raise ValueError(f"{name} is not read by neg_sampler=mdcns: its weights are "
+                             f"{', '.join(KEY.values())}; set {KEY[name]} instead")
     for key in (KEY[name] for name in WEIGHT_KEYS):
         if not _is_number(config[key], 0, strict=False):
             raise ValueError(f"{key} must be a finite number >= 0 (0 switches its term off), got {config[key]!r}")

@@ -207,6 +207,7 @@ def test_score_ensemble_standardises_each_member():
     ({"mdcns_mu": "high"}, "mdcns_mu"),
     ({"mdcns_tau": 0}, "mdcns_tau"),
     ({"mdcns_alpha": 0, "mdcns_beta": 0, "mdcns_gamma": 0, "mdcns_mu": 0}, "cannot all be 0"),
+    ({"mu": 0}, "set mdcns_mu instead"),
     ({"mdcns_teacher_agg": "max"}, "mdcns_teacher_agg"),
     ({"mdcns_kl_include_positive": "yes"}, "mdcns_kl_include_positive"),
     ({"mdcns_peer_config": {"learner": "sgd"}}, "learner"),
