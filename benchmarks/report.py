@@ -157,6 +157,24 @@ def render_timing(timing: list[dict]) -> list[str]:
     return lines
 
 
+def render_diversity(rows: list[Row]) -> list[str]:
+    """The DivNS paper's diagnostic, per sampler: the last epoch's negatives' mean pairwise cosine
+    distance and catalogue fraction, and the fraction of the catalogue ever used (mean ± std over seeds)."""
+    def last(record: dict, key: str):
+        history = record.get("negative_stats") or []
+        return history[-1].get(key) if history and isinstance(history[-1], dict) else None
+
+    keys = ("mean_pairwise_cosine_distance", "catalogue_fraction", "catalogue_fraction_ever")
+    lines = ["| sampler | mean pairwise cosine distance | catalogue fraction (last epoch) | catalogue fraction ever |",
+             "|---|---|---|---|"]
+    for row in rows:
+        stats = [_mean_std([last(r, key) for r in row.records]) for key in keys]
+        if stats[0][0] is None:
+            continue
+        lines.append(f"| {row.label} | " + " | ".join(_fmt(*stat) for stat in stats) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def plots(all_tables, out_dir: Path) -> list[Path]:
     """Per preset: NDCG@10 per sampler with error bars, and NDCG@10 against seconds per epoch."""
     import matplotlib
@@ -248,6 +266,9 @@ def render(records, failed, timing, results_paths, plot_paths, out_path: Path, r
         "machine; for like-for-like ratios see the interleaved timing section.", ""]
     for (preset, model, dataset), rows in all_tables.items():
         lines += [f"## {model} on {dataset} (preset `{preset}`)", ""] + render_table(rows) + [""]
+        diversity = render_diversity(rows)
+        if diversity:
+            lines += [f"Negatives trained on ({model} on {dataset}):", ""] + diversity + [""]
     if timing:
         lines += ["## Interleaved epoch times (same process, alternating samplers)"] + render_timing(timing) + [""]
     if failed:

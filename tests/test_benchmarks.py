@@ -81,7 +81,8 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
     assert text.count("**") >= 2 * 6  # a bold best in every metric column
     assert "| Improv. |" in text and "python -m benchmarks.run --grid" in text
     table = [line for line in text.splitlines() if line.startswith("| uniform") or line.startswith("| dns-10")]
-    assert len(table) == 2 and "± " in table[0]  # mean ± std over two seeds
+    assert len(table) == 4 and "± " in table[0]  # metrics and diversity rows, mean ± std over two seeds
+    assert "Negatives trained on (SASRec on tiny):" in text and "| mean pairwise cosine distance |" in text
     if HAVE_MATPLOTLIB:
         for name in ("smoke_ndcg10.png", "smoke_ndcg10_vs_time.png"):
             png = tmp_path / "plots" / name
