@@ -175,6 +175,16 @@ def render_diversity(rows: list[Row]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _save(fig, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(all_tables, out_dir: Path) -> list[Path]:
     """Per preset: NDCG@10 per sampler with error bars, and NDCG@10 against seconds per epoch."""
     import matplotlib
@@ -200,12 +210,8 @@ def plots(all_tables, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right")
             ax.set_ylabel(f"test {PLOT_METRIC.upper()} (mean ± std over seeds)")
             ax.set_title(title)
-        fig.suptitle(f"preset {preset}: {PLOT_METRIC.upper()} per sampler (grey: baselines)")
-        fig.tight_layout()
-        path = out_dir / f"{preset}_ndcg10.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"preset {preset}: {PLOT_METRIC.upper()} per sampler (grey: baselines)",
+                             out_dir / f"{preset}_ndcg10.png"))
 
         fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
         for ax, (title, rows) in zip(axes[0], panels):
@@ -221,12 +227,8 @@ def plots(all_tables, out_dir: Path) -> list[Path]:
             ax.set_ylabel(f"test {PLOT_METRIC.upper()}")
             ax.set_title(title)
             ax.grid(alpha=0.3)
-        fig.suptitle(f"preset {preset}: {PLOT_METRIC.upper()} against time per epoch")
-        fig.tight_layout()
-        path = out_dir / f"{preset}_ndcg10_vs_time.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"preset {preset}: {PLOT_METRIC.upper()} against time per epoch",
+                             out_dir / f"{preset}_ndcg10_vs_time.png"))
     return written
 
 
