@@ -423,6 +423,7 @@ def main(argv=None) -> dict | None:
             return None
         command = command_line(argv, "benchmarks.epoch_time")
         print(f"$ {command}", flush=True)
+        git = git_state()  # the code this run starts with
         start = perf_counter()
         times = {} if args.skip_time else measure_times(args, labels)
         memory = {} if args.skip_memory else measure_memory(args, labels)
@@ -431,7 +432,7 @@ def main(argv=None) -> dict | None:
 
         record = {"command": command, "settings": {k: v for k, v in vars(args).items()
                                                    if k not in ("memory_child", "workdir", "json")},
-                  "device": describe_device(args.device), "versions": versions(), "git": git_state(),
+                  "device": describe_device(args.device), "versions": versions(), "git": git,
                   "wall_s": perf_counter() - start, "times": times, "memory": memory, "summary": summary,
                   "torch_threads": torch.get_num_threads()}
     table = render(summary, times, memory)
