@@ -342,7 +342,6 @@ class DivNSModule(DNSModule):
         self.diverse_size = torch.zeros(0, dtype=torch.long)
         self.synthetic_rows = 0
         self.rows = 0
-        self._epoch_started = self._last_batch_end = 0.0
         self._synthesis_logged = False
 
     # ---- config
@@ -434,12 +433,6 @@ class DivNSModule(DNSModule):
 
     # ---- epoch end
 
-    def on_train_epoch_start(self) -> None:
-        self._epoch_started = self._last_batch_end = perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self._last_batch_end = perf_counter()
-
     def on_train_epoch_end(self) -> None:
         self.refresh(self.current_epoch)
 
@@ -469,7 +462,6 @@ class DivNSModule(DNSModule):
             "diverse_users": int((self.diverse_size > 0).sum()),
             "diverse_mean_size": float(self.diverse_size[self.diverse_size > 0].float().mean())
             if bool((self.diverse_size > 0).any()) else 0.0,
-            "train_seconds": self._last_batch_end - self._epoch_started,
         })
         self.cache.clear()
         self.hard.clear()
