@@ -31,6 +31,11 @@ import torch
 from recbole.data.interaction import Interaction
 
 TOLERANCE = 1e-5
+# DotScorer scores a [B, K] pool against the whole catalogue (one matmul, then a gather) when the
+# catalogue has at most this many items per pool item: on one CPU core, for B = 2048, d = 64, K = 101,
+# forward + backward of the gathered bmm cost ~100 ms whatever the catalogue, the full matmul
+# 25 ms at 1.7k items (ml-100k), 57 ms at 3.6k (LastFM), 250 ms at 12k (Beauty): break-even ~60 K.
+FULL_CATALOGUE_RATIO = 50
 # forward() parameter names used across RecBole's sequential models -> config field keys
 _FORWARD_ARGS = {
     "item_seq": "ITEM_SEQ",
@@ -82,7 +87,12 @@ class DotScorer(Scorer):
         return model.item_embedding(items)
 
     def score(self, model, interaction: Interaction, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bd,bkd->bk", h, self.item_vectors(model, items))
+        """``h · E[items]``: one ``[B, n_items]`` matmul and a gather for a small catalogue (see
+        :data:`FULL_CATALOGUE_RATIO`), else a batched product with the gathered item vectors."""
+        if items.shape[1] * FULL_CATALOGUE_RATIO >= model.n_items:
+            table = self.item_vectors(model, torch.arange(model.n_items, device=items.device))
+            return (h @ table.T).gather(1, items)
+        return torch.bmm(self.item_vectors(model, items), h.unsqueeze(-1)).squeeze(-1)
 
 
 class BERT4RecScorer(DotScorer):
