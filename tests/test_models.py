@@ -86,7 +86,8 @@ def s3rec_pretrained(tiny_kg_data, tmp_path_factory) -> str:
 @pytest.fixture
 def scorer_spy(monkeypatch):
     """Records ``(model name, scorer)`` each time the training module builds a scorer, after
-    checking the scorer against ``model.predict`` on the positive + whole candidate pool."""
+    checking the scorer against ``model.predict`` on the positive + whole candidate pool
+    (a dot-product scorer by both its paths: gathered item vectors and the whole catalogue)."""
     built = []
 
     def spy(model, batch, items):
@@ -95,10 +96,12 @@ def scorer_spy(monkeypatch):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            got = scorer(model, batch, pool)
             expected = scoring._predict_columns(model, batch, pool)
+            for ratio in (0, 10**9):  # DotScorer's gathered and whole-catalogue paths
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(scoring, "FULL_CATALOGUE_RATIO", ratio)
+                    torch.testing.assert_close(scorer(model, batch, pool), expected, atol=1e-5, rtol=1e-5)
         model.train(was_training)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         built.append((type(model).__name__, scorer))
         return scorer
 
@@ -145,3 +148,28 @@ def test_ksr_fails_in_recbole_itself(tiny_kg_data, in_tmp):
                          kg_embedding_size=16, **_kg_config())
     with pytest.raises(RuntimeError, match="same dtype"):
         recbole_mdcns.run_recbole("KSR", "tiny", config_dict=config)
+
+
+def test_dot_scorer_paths_agree_in_value_and_gradient(tiny_kg_data, in_tmp, monkeypatch):
+    """The whole-catalogue matmul and the gathered bmm give the same scores and gradients."""
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_mdcns.config import create_config
+    from recbole_mdcns.data import candidate_train_loader
+
+    config = create_config("SASRec", "tiny", None, tiny_config(tiny_kg_data, in_tmp, neg_sampler="dns",
+                                                              candidate_num=10))
+    train_data = candidate_train_loader(config, data_preparation(config, create_dataset(config))[0])
+    batch = next(iter(train_data))
+    model = sequential.SASRec(config, train_data._dataset).eval()
+    scorer = scoring.DotScorer(model)
+    results = []
+    for ratio in (0, 10**9):
+        monkeypatch.setattr(scoring, "FULL_CATALOGUE_RATIO", ratio)
+        model.zero_grad()
+        scores = scorer(model, batch, batch[CANDIDATES])
+        (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward()
+        results.append((scores.detach(), model.item_embedding.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    assert results[0][1].abs().sum() > 0
