@@ -281,11 +281,11 @@ def refresh_diverse_sets(item_emb: torch.Tensor, cache_items: torch.Tensor, cach
         mask = torch.arange(m, device=items.device) < c_size.unsqueeze(1)
         hard_mask = torch.arange(hm, device=items.device) < h_size.unsqueeze(1)
         L = diversity_kernel(emb[items], emb[hards], kernel, gamma, alpha, mask, hard_mask)
-        k = torch.minimum(torch.minimum(c_size, h_size), kdpp_rank(L, mask))
+        k = torch.minimum(c_size, h_size)
         if mode == "exact":
-            picked = sample_k_dpp(L, k, generator=generator, mask=mask)
+            picked = sample_k_dpp(L, k, generator=generator, mask=mask, clamp_k=True)
         else:
-            picked = greedy_map_dpp(L, k, mask=mask)
+            picked = greedy_map_dpp(L, torch.minimum(k, kdpp_rank(L, mask)), mask=mask)
         ids = torch.where(picked >= 0, items.gather(1, picked.clamp_min(0)), 0)
         diverse[users, :ids.shape[1]] = ids
         sizes[users] = (picked >= 0).sum(1)

@@ -114,6 +114,7 @@ def sample_k_dpp(
     generator: Optional[torch.Generator] = None,
     mask: Optional[torch.Tensor] = None,
     rtol: Optional[float] = None,
+    clamp_k: bool = False,
 ) -> torch.Tensor:
     """Draw exact k-DPP samples, ``P(Y) ∝ det(L_Y)`` over ``|Y| = k``, for a batch of kernels.
 
@@ -132,6 +133,9 @@ def sample_k_dpp(
         mask: optional ``[m]`` / ``[b, m]`` bool of valid items (see module docstring).
         rtol: relative eigenvalue tolerance defining the numerical rank
             (default ``m * eps(L.dtype)``); smaller eigenvalues are treated as 0.
+        clamp_k: lower each ``k_i`` to its kernel's numerical rank instead of raising
+            (the same as ``torch.minimum(k, kdpp_rank(L, mask))`` without a second
+            eigendecomposition).
 
     Returns:
         ``[k]`` (unbatched) or ``[b, max(k)]`` LongTensor of distinct indices,
@@ -139,26 +143,30 @@ def sample_k_dpp(
 
     Raises:
         ValueError: if some ``k_i`` exceeds the numerical rank of its (masked)
-            kernel, since then every ``k_i``-subset has determinant 0. The message
-            names ``k``, the rank and the batch row; clamp with :func:`kdpp_rank`.
+            kernel and ``clamp_k`` is False, since then every ``k_i``-subset has
+            determinant 0. The message names ``k``, the rank and the batch row.
     """
     Lb, kb, mask, unbatched = _prepare(L, k, mask)
     b, m, _ = Lb.shape
     device = Lb.device
-    kmax = int(kb.max()) if b else 0
-    if kmax == 0:
-        out = torch.full((b, 0), -1, dtype=torch.long, device=device)
-        return out[0] if unbatched else out
+    empty = torch.full((b, 0), -1, dtype=torch.long, device=device)
+    if b == 0 or int(kb.max()) == 0:
+        return empty[0] if unbatched else empty
 
     lam, vec = torch.linalg.eigh(Lb)
     lam, vec = _clean_eigvals(lam, rtol, L.dtype), vec.to(torch.float64)
     rank = (lam > 0).sum(-1)
+    if clamp_k:
+        kb = torch.minimum(kb, rank)
+        if int(kb.max()) == 0:
+            return empty[0] if unbatched else empty
+    kmax = int(kb.max())
     bad = kb > rank
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"k={int(kb[i])} exceeds the numerical rank {int(rank[i])} of L (batch row {i}); "
-            "no k-subset has positive determinant. Clamp k with kdpp_rank(L, mask)."
+            "no k-subset has positive determinant. Pass clamp_k=True or clamp k with kdpp_rank(L, mask)."
         )
 
     # Phase 1 (Alg. 8): choose k eigen-indices J with P(J) ∝ prod_{j in J} lam_j. Drawing the

@@ -118,7 +118,7 @@ def test_k_zero_and_k_equals_m():
     assert torch.equal(sample_k_dpp(L, 5), torch.arange(5))
 
 
-def test_k_above_rank_raises_and_kdpp_rank_clamps():
+def test_k_above_rank_raises_and_clamps():
     L = _kernel(6, rank=2, seed=4)
     assert int(kdpp_rank(L)) == 2
     with pytest.raises(ValueError, match=r"k=3 exceeds the numerical rank 2 of L \(batch row 0\)"):
@@ -131,6 +131,10 @@ def test_k_above_rank_raises_and_kdpp_rank_clamps():
     k = torch.minimum(torch.tensor([4, 4]), kdpp_rank(Lb, mask))
     S = sample_k_dpp(Lb, k, mask=mask)
     assert S[1, :3].tolist() == [0, 1, 2] and S[1, 3] == -1
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_k_dpp(Lb, 4, mask=mask, clamp_k=True, generator=g1),
+                       sample_k_dpp(Lb, k, mask=mask, generator=g2))  # clamp_k == clamping with kdpp_rank
+    assert sample_k_dpp(torch.zeros(2, 3, 3), 2, clamp_k=True).shape == (2, 0)
     with pytest.raises(ValueError, match="k must lie in"):
         sample_k_dpp(L, 7)
 
