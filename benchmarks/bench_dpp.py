@@ -29,32 +29,16 @@ def make_kernels(b: int, m: int, d: int, seed: int) -> torch.Tensor:
     return quality[:, :, None] * (emb @ emb.transpose(1, 2)) * quality[:, None, :]
 
 
-def time_torch(L: torch.Tensor, k: int, repeats: int, seed: int) -> float:
-    """Median seconds of one batched ``sample_k_dpp`` call (after a warm-up call)."""
-    g = torch.Generator(device=L.device).manual_seed(seed)
-    sample_k_dpp(L, k, generator=g)
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` timed calls after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
-        if L.is_cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        sample_k_dpp(L, k, generator=g)
-        if L.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def time_eigh(L: torch.Tensor, repeats: int) -> float:
-    """Median seconds of the batched ``torch.linalg.eigh`` alone: the floor of any spectral sampler."""
-    torch.linalg.eigh(L)
-    times = []
-    for _ in range(repeats):
-        if L.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.linalg.eigh(L)
-        if L.is_cuda:
+        fn()
+        if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
@@ -86,8 +70,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L = make_kernels(args.b, args.m, args.d, args.seed)
     L_dev = L.to(device=args.device, dtype=getattr(torch, args.dtype))
-    t_torch = time_torch(L_dev, args.k, args.repeats, args.seed)
-    t_eigh = time_eigh(L_dev, args.repeats)
+    g = torch.Generator(device=L_dev.device).manual_seed(args.seed)
+    t_torch = median_seconds(lambda: sample_k_dpp(L_dev, args.k, generator=g), L_dev.device, args.repeats)
+    t_eigh = median_seconds(lambda: torch.linalg.eigh(L_dev), L_dev.device, args.repeats)  # any spectral sampler's floor
     t_dppy = time_dppy(L.numpy(), args.k, args.seed)
     print(
         f"k-DPP b={args.b} m={args.m} k={args.k} ({args.device} {args.dtype}, {args.threads} thread(s)): "
