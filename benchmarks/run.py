@@ -334,7 +334,7 @@ def _result_fields(result: dict, info: dict, train_info: dict | None) -> dict:
         "sampling_share": sampling_share,
         "sampling_share_source": sampling_source,
         "negative_stats": history or None,
-        "extra_valid_results": result.get("extra_valid_results") or info["extra_valid_results"],
+        "extra_valid_results": train_info.get("extra_valid_results") or info["extra_valid_results"],
         "train_info": train_info or None,
         "probe": {k: v for k, v in info.items() if k != "negative_history"},
         "result_keys": sorted(result),

@@ -30,7 +30,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     """Train and test ``model`` on ``dataset``; same arguments and result as RecBole's ``run_recbole``.
 
     With a sampler the result also has ``train_info``: epochs run, best epoch, seconds per
-    epoch, seconds spent drawing candidate pools, the per-epoch negative-diversity records.
+    epoch, seconds spent drawing candidate pools, the per-epoch negative-diversity records,
+    and for MDCNS the peer's and the self+peer ensemble's validation results per epoch.
 
     ``config_dict`` / YAML / ``--neg_sampler=NAME`` picks the sampler; without it,
     or with ``neg_sampler: recbole``, RecBole's own trainer runs untouched.

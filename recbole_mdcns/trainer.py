@@ -208,5 +208,7 @@ class NegSamplingTrainer(Trainer):
             "epoch_seconds": [self.epoch_seconds[e] for e in sorted(self.epoch_seconds)],
             "sampling_seconds": train_data.sampling_seconds,
             "negative_history": list(self.module.negative_history) if self.module else [],
+            # MDCNS: the peer's and the self+peer ensemble's validation results, per validated epoch
+            "extra_valid_results": list(getattr(self.module, "extra_valid_results", [])),
             "device": str(self.device),
         }

@@ -372,6 +372,7 @@ def test_full_run_trains_self_and_peer(two_epochs):
     for record in module.extra_valid_results:
         for name in ("peer", "ensemble"):
             assert 0.0 <= record[name]["ndcg@10"] <= 1.0
+    assert result["train_info"]["extra_valid_results"] == module.extra_valid_results  # also in the result
     # Both models (and both optimizer states) are in the Lightning checkpoint.
     ckpt = torch.load(_last_ckpt(folder), map_location="cpu", weights_only=True)
     keys = ckpt["state_dict"].keys()
