@@ -98,3 +98,25 @@ def test_results_file_tolerates_torn_lines(tmp_path):
     run.append_result(path, {"key": "c", "status": "error"})
     assert run.finished_keys(path) == {"a"}
     assert json.loads(path.read_text().splitlines()[0])["key"] == "a"
+
+
+def test_epoch_time_mdcns_target_is_against_per_round_sum_of_both_models():
+    from argparse import Namespace
+
+    from benchmarks import epoch_time
+
+    args = Namespace(model="SASRec", peer_model="GRU4Rec")
+    assert epoch_time.variant_spec("peer-uniform", args) == ("GRU4Rec", {"neg_sampler": "uniform"})
+    model, overrides = epoch_time.variant_spec("mdcns", args)
+    assert model == "SASRec" and overrides["mdcns_peer_model"] == "GRU4Rec"
+    times = {label: {"epoch_s": epochs, "fit_s": epochs} for label, epochs in
+             {"uniform": [10.0, 12.0, 10.0], "peer-uniform": [2.0, 2.0, 2.0], "mdcns": [13.0, 13.0, 16.0]}.items()}
+    (target,) = [t for t in epoch_time.summarize(times, {})["targets"] if t["variant"] == "mdcns"]
+    # per-round ratios 13/12, 13/14, 16/12 -> median 13/12
+    assert target["reference"] == "uniform + peer-uniform" and target["bound"] == 1.15
+    assert abs(target["ratio"] - 13 / 12) < 1e-12 and target["met"]
+    times["mdcns"]["epoch_s"] = [14.0, 17.0, 16.0]  # 14/12, 17/14, 16/12 -> median 17/14 > 1.15
+    (target,) = [t for t in epoch_time.summarize(times, {})["targets"] if t["variant"] == "mdcns"]
+    assert abs(target["ratio"] - 17 / 14) < 1e-12 and not target["met"]
+    assert "NOT MET: mdcns time / (uniform + peer-uniform) time = 1.21x" in epoch_time.render(
+        epoch_time.summarize(times, {}), times, {})
