@@ -72,7 +72,7 @@ def main() -> None:
     L_dev = L.to(device=args.device, dtype=getattr(torch, args.dtype))
     g = torch.Generator(device=L_dev.device).manual_seed(args.seed)
     t_torch = median_seconds(lambda: sample_k_dpp(L_dev, args.k, generator=g), L_dev.device, args.repeats)
-    t_eigh = median_seconds(lambda: torch.linalg.eigh(L_dev), L_dev.device, args.repeats)  # any spectral sampler's floor
+    t_eigh = median_seconds(lambda: torch.linalg.eigh(L_dev), L_dev.device, args.repeats)  # a spectral floor
     t_dppy = time_dppy(L.numpy(), args.k, args.seed)
     print(
         f"k-DPP b={args.b} m={args.m} k={args.k} ({args.device} {args.dtype}, {args.threads} thread(s)): "

@@ -309,7 +309,8 @@ def measure_memory(args, labels: list[str]) -> dict:
     out = {}
     for label in labels:
         cmd = [sys.executable, "-m", "benchmarks.epoch_time", "--memory-child", label,
-               "--model", args.model, "--peer-model", args.peer_model, "--dataset", args.dataset, "--max-seq-len", str(args.max_seq_len),
+               "--model", args.model, "--peer-model", args.peer_model, "--dataset", args.dataset,
+               "--max-seq-len", str(args.max_seq_len),
                "--batch-size", str(args.batch_size), "--device", args.device, "--seed", str(args.seed),
                "--workdir", args.workdir]
         if args.memory_batches:
@@ -390,7 +391,8 @@ def render(summary: dict, times: dict, memory: dict, reference: str = "uniform")
     lines.append("")
     for t in summary["targets"]:
         if t["relation"] == "<=":
-            text = f"{t['variant']} time / ({t['reference']}) time = {t['ratio']:.2f}x (target {t['relation']} {t['bound']}x)"
+            text = (f"{t['variant']} time / ({t['reference']}) time = {t['ratio']:.2f}x "
+                    f"(target {t['relation']} {t['bound']}x)")
         else:
             what = "faster" if t["quantity"] == "time" else "less peak memory"
             text = f"{t['reference']} is {t['ratio']:.2f}x {what} than {t['variant']} (target {t['relation']} {t['bound']}x)"

@@ -381,7 +381,8 @@ def _child_main(spec_path: str) -> None:
     cell = Cell(**spec["cell"])
     record = run_cell(cell, Path(spec["workdir"]), spec["command"], isolated=True)
     append_result(cell.results, record)
-    summary = {k: record.get(k) for k in ("key", "status", "error", "wall_seconds", "test", "epochs", "seconds_per_epoch")}
+    keys = ("key", "status", "error", "wall_seconds", "test", "epochs", "seconds_per_epoch")
+    summary = {k: record.get(k) for k in keys}
     print(RESULT_TAG + json.dumps(to_jsonable(summary)), flush=True)
 
 
