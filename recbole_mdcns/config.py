@@ -1,6 +1,7 @@
 """RecBole ``Config`` plus per-sampler defaults, and validation before any data is loaded."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from importlib import resources
@@ -70,10 +71,17 @@ def _check_choice(config: Config, key: str, choices) -> None:
         raise ValueError(f"{key} must be one of {list(choices)}, got {config[key]!r}")
 
 
-def _check_int(config: Config, key: str, low: int, high: float = float("inf")) -> None:
+def check_number(config: Config, key: str, low: float, high: float = math.inf, integer: bool = False,
+                 low_open: bool = False):
+    """``config[key]``, checked to be a number (an int if ``integer``) in ``[low, high]`` (``(low, high]``
+    if ``low_open``); else ``ValueError`` naming the key and the range."""
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    bracket = "(" if low_open else "["
+    if isinstance(value, bool) or not ok_type or not (low < value if low_open else low <= value) or value > high:
+        raise ValueError(f"{key} must be {kind} in {bracket}{low}, {high}], got {value!r}")
+    return value
 
 
 def validate(config: Config) -> None:
@@ -97,8 +105,8 @@ def validate(config: Config) -> None:
         )
     _check_choice(config, "neg_loss", NEG_LOSSES)
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
-    _check_int(config, "candidate_num", 1)
-    _check_int(config, "top_m", 1, config["candidate_num"])
+    check_number(config, "candidate_num", 1, integer=True)
+    check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     inter = os.path.join(config["data_path"], f"{config['dataset']}.inter")
     if not os.path.isfile(inter):
         raise ValueError(

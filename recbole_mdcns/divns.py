@@ -56,7 +56,6 @@ used negatives and the fraction of the catalogue used (this epoch and ever), kep
 """
 from __future__ import annotations
 
-import math
 from logging import getLogger
 from time import perf_counter
 
@@ -64,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
+from recbole_mdcns.config import check_number
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.dpp import greedy_map_dpp, kdpp_rank, sample_k_dpp
@@ -128,7 +128,7 @@ class RunnerUpCache:
 
     def valid(self) -> torch.Tensor:
         """``[n_users, cap]`` bool: the slots holding an id."""
-        return torch.arange(self.capacity, device=self.device) < self.size.unsqueeze(1)
+        return _prefix_mask(self.items, self.count)
 
     def to(self, device) -> "RunnerUpCache":
         self.items, self.count = self.items.to(device), self.count.to(device)
@@ -170,7 +170,7 @@ class RunnerUpCache:
         """Replace the sets by the per-user union of ``W`` gathered caches (``[W, U, cap]``,
         ``[W, U]``, e.g. from DDP ranks): deduplicated, bounded, slots interleaved across ranks."""
         world, n_users, cap = items.shape
-        valid = torch.arange(cap, device=items.device) < count.clamp(max=cap).unsqueeze(-1)
+        valid = _prefix_mask(items, count)
         flat = items.permute(1, 2, 0).reshape(n_users, cap * world)
         flat_valid = valid.permute(1, 2, 0).reshape(n_users, cap * world)
         self.items, size = compact_unique(flat, flat_valid, self.capacity)
@@ -195,7 +195,9 @@ def _copy(tensor: torch.Tensor, device="cpu") -> torch.Tensor:
 
 
 def _prefix_mask(items: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.arange(items.shape[1], device=items.device) < count.clamp(max=items.shape[1]).unsqueeze(1)
+    """``items``-shaped bool: the first ``count`` slots of each row (last dim), ``count`` capped at the row length."""
+    cap = items.shape[-1]
+    return torch.arange(cap, device=items.device) < count.clamp(max=cap).unsqueeze(-1)
 
 
 def hard_and_runner_ups(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,16 +313,6 @@ def synthesis_is_exact(scorer: Scorer) -> bool:
 # --------------------------------------------------------------------------- Lightning module
 
 
-def _number(config, key: str, low: float, high: float = math.inf, integer: bool = False, low_open=False):
-    value = config[key]
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    bracket = "(" if low_open else "["
-    if isinstance(value, bool) or not ok_type or not (low < value if low_open else low <= value) or value > high:
-        raise ValueError(f"{key} must be {kind} in {bracket}{low}, {high}], got {value!r}")
-    return value
-
-
 class DivNSModule(DNSModule):
     """``neg_sampler: divns`` (see the module docstring)."""
 
@@ -355,14 +347,14 @@ class DivNSModule(DNSModule):
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"candidate_num must be an integer >= 2 for neg_sampler=divns "
                              f"(top-1 plus runner-ups), got {n!r}")
-        _number(config, "divns_cache_ratio", 1, n - 1, integer=True)
-        _number(config, "divns_lambda", 0.0, 1.0)
-        _number(config, "divns_gamma", 0.0, low_open=True)
-        _number(config, "divns_alpha", 0.0)
-        _number(config, "divns_cache_size", 1, integer=True)
+        check_number(config, "divns_cache_ratio", 1, n - 1, integer=True)
+        check_number(config, "divns_lambda", 0.0, 1.0)
+        check_number(config, "divns_gamma", 0.0, low_open=True)
+        check_number(config, "divns_alpha", 0.0)
+        check_number(config, "divns_cache_size", 1, integer=True)
         if config["divns_hard_size"] is not None:
-            _number(config, "divns_hard_size", 1, integer=True)
-        _number(config, "divns_refresh_chunk", 1, integer=True)
+            check_number(config, "divns_hard_size", 1, integer=True)
+        check_number(config, "divns_refresh_chunk", 1, integer=True)
         for key, choices in (("divns_kernel", KERNELS), ("divns_dpp_mode", DPP_MODES)):
             if config[key] not in choices:
                 raise ValueError(f"{key} must be one of {list(choices)}, got {config[key]!r}")

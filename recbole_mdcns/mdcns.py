@@ -37,7 +37,6 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from logging import getLogger
 from numbers import Real
 from typing import Sequence
 

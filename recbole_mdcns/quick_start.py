@@ -6,7 +6,6 @@ import logging
 import sys
 from logging import getLogger
 
-import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
