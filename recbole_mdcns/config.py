@@ -12,9 +12,8 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
-from recbole_mdcns.methods import METHODS, method_module
+from recbole_mdcns.registry import get_sampler
 
-NEG_SAMPLERS = ("recbole", *METHODS)
 NEG_LOSSES = ("bpr", "bce")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
@@ -57,9 +56,8 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
         config = Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
         config["neg_sampler"] = "recbole"
         return config
-    if name not in NEG_SAMPLERS:
-        raise ValueError(f"neg_sampler must be one of {list(NEG_SAMPLERS)}, got {name!r}")
-    defaults = [sampler_yaml("base"), sampler_yaml(name)]
+    sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
+    defaults = [sampler_yaml("base"), *([sampler.config_file] if sampler.config_file else [])]
     config = Config(model=model, dataset=dataset, config_file_list=defaults + files, config_dict=config_dict)
     validate(config)
     _resolve_device(config)
@@ -113,7 +111,7 @@ def validate(config: Config) -> None:
             f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the "
             "folder that holds <dataset>/<dataset>.inter (ml-100k ships with RecBole)"
         )
-    method_module(config["neg_sampler"]).validate_config(config)
+    get_sampler(config["neg_sampler"]).cls.validate_config(config)
 
 
 def check_catalogue(config: Config, dataset) -> None:

@@ -1,4 +1,5 @@
-"""LightningModules: the models, the scorer, the negative strategy and the loss."""
+"""The base LightningModule of every sampler: the model(s), the scorer, the loss and the epoch's negative
+statistics. Each method (``recbole_mdcns.methods``) subclasses it and defines :meth:`training_loss`."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -11,7 +12,6 @@ from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.losses import LOSSES
 from recbole_mdcns.scoring import Scorer, build_scorer
-from recbole_mdcns.strategies import TopMNegative
 
 _VERIFY_COLUMNS = 4
 
@@ -19,9 +19,18 @@ _VERIFY_COLUMNS = 4
 class NegativeSamplingModule(pl.LightningModule):
     """Trains one RecBole model on sampled negatives; subclasses define :meth:`training_loss`.
 
+    A sampler (built-in or registered with :func:`recbole_mdcns.register_sampler`) is a subclass:
+    :meth:`training_loss` maps a training batch to the loss (rows: ``batch[model.USER_ID]``,
+    ``batch[model.POS_ITEM_ID]``, the ``[B, N]`` pool ``batch[CANDIDATES]``; scores through
+    :meth:`scorer_for`), :meth:`validate_config` checks its keys before any data is loaded,
+    ``config_file`` names its YAML defaults, and Lightning's hooks (``on_train_epoch_end``,
+    ``on_save_checkpoint`` / ``on_load_checkpoint``, ``setup``) hold state that spans batches.
+
     The optimizer is the one RecBole's trainer built (``learner``, ``learning_rate``,
     ``weight_decay``), so RecBole checkpoints hold its state as usual.
     """
+
+    config_file: str | None = None  # YAML defaults of a sampler registered without ``config_file=``
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
         super().__init__()
@@ -113,30 +122,3 @@ class NegativeSamplingModule(pl.LightningModule):
         """Sum of this epoch's batch losses (RecBole's ``train loss``), then reset."""
         loss, self.epoch_loss = self.epoch_loss, 0.0
         return loss
-
-
-class DNSModule(NegativeSamplingModule):
-    """``uniform``, ``popularity`` and ``dns``: score the pool, take one of the top-M.
-
-    Candidate scores for the selection need no gradient; only the positive and
-    the chosen negative are scored with one, from the same encoding.
-    """
-
-    def __init__(self, model, optimizer, config) -> None:
-        super().__init__(model, optimizer, config)
-        self.strategy = TopMNegative(config["top_m"])
-
-    def training_loss(self, batch: Interaction) -> torch.Tensor:
-        candidates = batch[CANDIDATES]
-        scorer = self.scorer_for("self", self.model, batch)
-        h = scorer.encode(self.model, batch)
-        if candidates.shape[1] > 1:
-            with torch.no_grad():
-                picked = self.strategy.select(scorer.score(self.model, batch, h, candidates))
-            negatives = candidates.gather(1, picked.unsqueeze(1))
-        else:
-            negatives = candidates
-        self.record_negatives(negatives)
-        items = torch.cat([batch[self.model.POS_ITEM_ID].unsqueeze(1), negatives], 1)
-        scores = scorer.score(self.model, batch, h, items)
-        return self.loss_fn(scores[:, 0], scores[:, 1])

@@ -9,10 +9,11 @@ from logging import getLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, get_model, get_trainer, init_logger, init_seed, set_color
+from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
 from recbole_mdcns.config import check_catalogue, create_config
 from recbole_mdcns.data import candidate_train_loader
+from recbole_mdcns.models import get_model
 from recbole_mdcns.trainer import NegSamplingTrainer
 
 

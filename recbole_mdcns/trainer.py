@@ -16,7 +16,7 @@ from recbole.utils import dict2str, early_stopping, set_color
 from torch.utils.data import DataLoader, DistributedSampler
 
 from recbole_mdcns.lightning_module import NegativeSamplingModule
-from recbole_mdcns.methods import method_module
+from recbole_mdcns.registry import get_sampler
 
 
 def _unused_name(path: str) -> str:
@@ -163,7 +163,7 @@ class NegSamplingTrainer(Trainer):
         self.best_epoch: int | None = None
 
     def build_module(self) -> NegativeSamplingModule:
-        return method_module(self.config["neg_sampler"])(self.model, self.optimizer, self.config)
+        return get_sampler(self.config["neg_sampler"]).cls(self.model, self.optimizer, self.config)
 
     def _lightning_trainer(self, callbacks: list[pl.Callback], show_progress: bool) -> pl.Trainer:
         config = self.config

@@ -18,7 +18,7 @@ import recbole_mdcns
 from recbole_mdcns.config import create_config, sampler_yaml
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.diagnostics import item_representation, negative_stats
-from recbole_mdcns.divns import (
+from recbole_mdcns.methods.divns import (
     Q_DENOMINATOR_FLOOR,
     DivNSModule,
     RunnerUpCache,
@@ -29,7 +29,7 @@ from recbole_mdcns.divns import (
     refresh_diverse_sets,
     synthesize_scores,
 )
-from recbole_mdcns.lightning_module import DNSModule
+from recbole_mdcns.methods.dns import DNSModule
 from recbole_mdcns.losses import LOSSES, bpr_loss
 from recbole_mdcns import scoring
 from recbole_mdcns.scoring import DotScorer, PredictScorer

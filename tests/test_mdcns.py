@@ -22,13 +22,13 @@ import recbole_mdcns
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.losses import bce_loss, bpr_loss
-from recbole_mdcns.mdcns import (
+from recbole_mdcns.companion_models import load_frozen_model
+from recbole_mdcns.evaluation import ScoreEnsemble
+from recbole_mdcns.methods.mdcns import (
     MDCNSModule,
-    ScoreEnsemble,
     distillation_loss,
     divergence,
     hard_negatives,
-    load_extra_teacher,
     mdcns_losses,
     ranking_loss,
     rerank,
@@ -429,15 +429,15 @@ def _forged(source: Path, folder: Path, dataset=None, items=None) -> str:
 def test_extra_teacher_checks_its_dataset(two_epochs, real_batch, tmp_path):
     _, _, folder = two_epochs
     module, _, train = real_batch
-    good = load_extra_teacher(str(_best_pth(folder)), module.config, train._dataset)
+    good = load_frozen_model(str(_best_pth(folder)), module.config, train._dataset, "mdcns_extra_teachers")
     assert not good.training and not any(p.requires_grad for p in good.parameters())
     with pytest.raises(ValueError, match="dataset 'other'"):
-        load_extra_teacher(_forged(_best_pth(folder), tmp_path, dataset="other"), module.config, train._dataset)
+        load_frozen_model(_forged(_best_pth(folder), tmp_path, dataset="other"), module.config, train._dataset, "mdcns_extra_teachers")
     with pytest.raises(ValueError, match="items"):
-        load_extra_teacher(_forged(_best_pth(folder), tmp_path, items=40), module.config, train._dataset)
+        load_frozen_model(_forged(_best_pth(folder), tmp_path, items=40), module.config, train._dataset, "mdcns_extra_teachers")
     with pytest.raises(ValueError, match="not a RecBole checkpoint"):
         torch.save({"weights": 1}, tmp_path / "bad.pth")
-        load_extra_teacher(str(tmp_path / "bad.pth"), module.config, train._dataset)
+        load_frozen_model(str(tmp_path / "bad.pth"), module.config, train._dataset, "mdcns_extra_teachers")
 
 
 def test_run_with_frozen_extra_teacher(two_epochs, tiny_data, tmp_path):

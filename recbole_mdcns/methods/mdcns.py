@@ -32,8 +32,6 @@ peer swapped, for the peer (paper footnote 1). Decisions where the paper is sile
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -44,11 +42,16 @@ import torch
 import torch.nn.functional as F
 from recbole.config import Config
 from recbole.data.interaction import Interaction
-from recbole.utils import ModelType, dict2str, get_model, set_color
+from recbole.utils import dict2str, set_color
 
+from recbole_mdcns.companion_models import build_companion, load_frozen_model
+from recbole_mdcns.config import NO_BPR_MODELS, sampler_yaml
 from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import LossFn
+from recbole_mdcns.models import sequential_model_class
+from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.strategies import MultiViewTopMNegative
 
 TEACHER_AGGS = ("mean", "sum")
@@ -175,116 +178,10 @@ def mdcns_losses(s_self: torch.Tensor, s_peer: torch.Tensor, extra: Sequence[tor
                        total_loss(peer_rec, peer_dis, mu), negatives)
 
 
-# --------------------------------------------------------------------------- models
-def _sequential_model(name) -> type | None:
-    """RecBole's sequential model class called ``name``, or ``None``."""
-    if not isinstance(name, str) or not name.isidentifier():
-        return None
-    module_path = f"recbole.model.sequential_recommender.{name.lower()}"
-    try:
-        if importlib.util.find_spec(module_path) is None:
-            return None
-        model_class = getattr(importlib.import_module(module_path), name, None)
-    except ImportError:
-        return None
-    return model_class if getattr(model_class, "type", None) == ModelType.SEQUENTIAL else None
-
-
-def peer_config(config: Config) -> Config:
-    """RecBole ``Config`` of the peer: the peer model's own RecBole defaults, then every value the
-    user set for the run (files, dict, command line; the sampler defaults included), then
-    ``mdcns_peer_config``, which wins over all of them."""
-    overrides = dict(config["mdcns_peer_config"] or {})
-    external = {**config.file_config_dict, **config.variable_config_dict, **overrides}
-    external.pop("model", None)
-    peer = Config(model=config["mdcns_peer_model"], dataset=config["dataset"], config_dict=external)
-    for key, value in overrides.items():
-        peer[key] = value
-    peer["device"] = config["device"]
-    peer["accelerator"] = config["accelerator"]
-    return peer
-
-
-def build_peer(config: Config, dataset) -> tuple[torch.nn.Module, Config]:
-    """The peer model, initialised from its own seed (``seed + 10007``) on every rank, so it is
-    neither a copy of a same-architecture self model nor dependent on the RNG state."""
-    peer_cfg = peer_config(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config["seed"] + _PEER_SEED_OFFSET)
-        model = get_model(peer_cfg["model"])(peer_cfg, dataset)
-    return model, peer_cfg
-
-
-def load_extra_teacher(path: str, config: Config, dataset) -> torch.nn.Module:
-    """A frozen teacher from a RecBole checkpoint (``{'config', 'state_dict', ...}`` as RecBole saves
-    it): the model class named in its config, rebuilt on this run's train ``dataset``, in eval
-    mode with ``requires_grad=False``. A checkpoint made for another dataset, item count or
-    ``MAX_ITEM_LIST_LENGTH`` raises ``ValueError``."""
-    where = f"mdcns_extra_teachers: {path}"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{where} is not a RecBole checkpoint (a dict with 'config' and 'state_dict')")
-    t_cfg, state = checkpoint["config"], checkpoint["state_dict"]
-    if t_cfg["dataset"] != config["dataset"]:
-        raise ValueError(f"{where} was trained on dataset {t_cfg['dataset']!r}, this run uses {config['dataset']!r}")
-    rows = state.get("item_embedding.weight")
-    if rows is not None and rows.shape[0] != dataset.item_num:
-        raise ValueError(
-            f"{where} was trained on {rows.shape[0] - 1} items, dataset {config['dataset']!r} here has "
-            f"{dataset.item_num - 1}: the checkpoint was made for another version of the dataset"
-        )
-    if t_cfg["MAX_ITEM_LIST_LENGTH"] != config["MAX_ITEM_LIST_LENGTH"]:
-        raise ValueError(f"{where} was trained with MAX_ITEM_LIST_LENGTH={t_cfg['MAX_ITEM_LIST_LENGTH']}, "
-                         f"this run uses {config['MAX_ITEM_LIST_LENGTH']}")
-    model_class = _sequential_model(t_cfg["model"])
-    if model_class is None:
-        raise ValueError(f"{where} holds {t_cfg['model']}, not a RecBole sequential model")
-    t_cfg["device"] = config["device"]
-    model = model_class(t_cfg, dataset)
-    mismatch = [f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}" for k, v in model.state_dict().items()
-                if k in state and v.shape != state[k].shape]
-    if mismatch:
-        raise ValueError(f"{where} does not fit dataset {config['dataset']!r}: {', '.join(mismatch)}")
-    model.load_state_dict(state)
-    model.load_other_parameter(checkpoint.get("other_parameter"))
-    model.requires_grad_(False)
-    return model.eval()
-
-
-class ScoreEnsemble(torch.nn.Module):
-    """Self + peer ensemble for evaluation only: the sum of the members' full-sort scores, each
-    standardised per row (zero mean, unit std over the real items, padding item 0 excluded), so
-    models with different score scales weigh the same. ``predict`` gathers from the same scores."""
-
-    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-        self.ITEM_ID = members[0].ITEM_ID
-
-    @staticmethod
-    def standardize(scores: torch.Tensor) -> torch.Tensor:
-        real = scores[:, 1:]
-        return (scores - real.mean(1, keepdim=True)) / real.std(1, keepdim=True).clamp_min(1e-12)
-
-    def full_sort_predict(self, interaction: Interaction) -> torch.Tensor:
-        total = None
-        for member in self.members:
-            scores = member.full_sort_predict(interaction)
-            scores = self.standardize(scores.view(len(interaction), -1))
-            total = scores if total is None else total + scores
-        return total
-
-    def predict(self, interaction: Interaction) -> torch.Tensor:
-        items = interaction[self.ITEM_ID].long().unsqueeze(1)
-        return self.full_sort_predict(interaction).gather(1, items).squeeze(1)
-
-
 # --------------------------------------------------------------------------- config checks
 def _validate_peer(config) -> None:
-    from recbole_mdcns.config import NO_BPR_MODELS
-
     name = config["mdcns_peer_model"]
-    if _sequential_model(name) is None or name in NO_BPR_MODELS:
+    if sequential_model_class(name) is None or name in NO_BPR_MODELS:
         raise ValueError(
             f"mdcns_peer_model must be the name of a RecBole sequential model with a BPR mode "
             f"(e.g. GRU4Rec, SASRec, NARM, Caser; not one of {list(NO_BPR_MODELS)}), got {name!r}"
@@ -390,14 +287,17 @@ class MDCNSModule(NegativeSamplingModule):
 
     def attach(self, dataset) -> None:
         """Build the peer and the extra teachers on ``dataset``; add the peer's param group."""
-        self.peer, self.peer_config = build_peer(self.config, dataset)
+        self.peer, self.peer_config = build_companion(self.config, dataset, self.config["mdcns_peer_model"],
+                                                      self.config["mdcns_peer_config"],
+                                                      self.config["seed"] + _PEER_SEED_OFFSET)
         self.peer.to(self.config["device"])
         group = {"params": list(self.peer.parameters()), "lr": self.peer_config["learning_rate"]}
         if "weight_decay" in self.optimizer.defaults:
             group["weight_decay"] = self.peer_config["weight_decay"] or 0.0
         self.optimizer.add_param_group(group)
         paths = self.config["mdcns_extra_teachers"] or []
-        self.teachers = torch.nn.ModuleList(load_extra_teacher(p, self.config, dataset) for p in paths)
+        self.teachers = torch.nn.ModuleList(load_frozen_model(p, self.config, dataset, "mdcns_extra_teachers")
+                                             for p in paths)
         self.teachers.to(self.config["device"])
 
     def train(self, mode: bool = True):
@@ -454,16 +354,6 @@ class MDCNSModule(NegativeSamplingModule):
         return parts
 
     # ------------------------------------------------------------------ evaluation
-    @staticmethod
-    def evaluate_as(trainer, model: torch.nn.Module, valid_data):
-        """RecBole's ``_valid_epoch`` of ``model`` in place of the trainer's (self) model."""
-        original = trainer.model
-        trainer.model = model
-        try:
-            return trainer._valid_epoch(valid_data)
-        finally:
-            trainer.model = original
-
     def after_validation(self, trainer, valid_data) -> None:
         """Also report the peer and the self+peer :class:`ScoreEnsemble` on the validation data
         (``mdcns_eval_peer: false`` skips it). Early stopping and the saved model stay the self model's."""
@@ -472,7 +362,7 @@ class MDCNSModule(NegativeSamplingModule):
         record = {"epoch": self.current_epoch}
         for name, model in (("peer", self.peer), ("ensemble", ScoreEnsemble([self.model, self.peer]))):
             try:
-                score, result = self.evaluate_as(trainer, model, valid_data)
+                score, result = evaluate_as(trainer, model, valid_data)
             except NotImplementedError:
                 trainer.logger.info(f"{name} not evaluated: a model has no full_sort_predict")
                 continue
@@ -480,3 +370,6 @@ class MDCNSModule(NegativeSamplingModule):
             self.log(f"{name}_valid_score", score, sync_dist=True)
             trainer.logger.info(set_color(f"{name} valid result", "blue") + ": \n" + dict2str(result))
         self.extra_valid_results.append(record)
+
+
+register_sampler("mdcns", MDCNSModule, config_file=sampler_yaml("mdcns"))

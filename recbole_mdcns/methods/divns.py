@@ -63,11 +63,12 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number
+from recbole_mdcns.config import check_number, sampler_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.dpp import greedy_map_dpp, kdpp_rank, sample_k_dpp
-from recbole_mdcns.lightning_module import DNSModule
+from recbole_mdcns.methods.dns import DNSModule
+from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.scoring import BERT4RecScorer, DotScorer, Scorer
 
 KERNELS = ("rbf", "cosine")
@@ -503,3 +504,6 @@ class DivNSModule(DNSModule):
         super().on_load_checkpoint(checkpoint)
         if "divns" in checkpoint:
             self.load_divns_state(checkpoint["divns"])
+
+
+register_sampler("divns", DivNSModule, config_file=sampler_yaml("divns"))

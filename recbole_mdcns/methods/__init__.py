@@ -1,0 +1,15 @@
+"""The built-in samplers, one module per method family; importing a module registers its samplers.
+
+=================================  ===========================  ==============================
+``neg_sampler``                    module                       paper
+=================================  ===========================  ==============================
+``uniform``, ``popularity``        :mod:`.dns`                  RNS / PNS (one pool item)
+``dns``                            :mod:`.dns`                  DNS (SIGIR'13), DNS(M, N)
+``divns``                          :mod:`.divns`                DivNS (arXiv 2508.14468)
+``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
+=================================  ===========================  ==============================
+
+A new method is a new module here (its selection rule, its LightningModule, its config checks,
+``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
+"""
+from recbole_mdcns.methods import divns, dns, mdcns  # noqa: F401  (registration on import)
