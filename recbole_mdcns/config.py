@@ -12,7 +12,8 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
-from recbole_mdcns.registry import get_sampler
+from recbole_mdcns.full_sequence import TRAIN_POSITIONS
+from recbole_mdcns.registry import available_samplers, get_sampler
 
 NEG_LOSSES = ("bpr", "bce")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
@@ -28,6 +29,11 @@ def sampler_yaml(name: str) -> str:
     except ModuleNotFoundError:  # imported from a checkout, where config_yamls/ sits beside the package
         folder = Path(__file__).resolve().parent.parent / "config_yamls"
     return str(folder.joinpath(f"{name}.yaml"))
+
+
+def preset_yaml(name: str) -> str:
+    """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``."""
+    return sampler_yaml(f"presets/{name}")
 
 
 def requested_sampler(config_file_list=None, config_dict=None) -> str:
@@ -55,6 +61,10 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
     if name in (None, "recbole", "None"):
         config = Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
         config["neg_sampler"] = "recbole"
+        if config["train_positions"] not in (None, "last"):
+            raise ValueError(f"train_positions: {config['train_positions']} needs one of this package's samplers "
+                             f"(neg_sampler one of {available_samplers()[1:]}); neg_sampler=recbole runs RecBole's "
+                             "own trainer, which trains prefix rows")
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
     defaults = [sampler_yaml("base"), *([sampler.config_file] if sampler.config_file else [])]
@@ -105,13 +115,25 @@ def validate(config: Config) -> None:
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
-    inter = os.path.join(config["data_path"], f"{config['dataset']}.inter")
-    if not os.path.isfile(inter):
-        raise ValueError(
-            f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the "
-            "folder that holds <dataset>/<dataset>.inter (ml-100k ships with RecBole)"
-        )
+    _check_positions(config)
+    parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
+    for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
+        if not os.path.isfile(inter):
+            raise ValueError(
+                f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the folder that "
+                "holds <dataset>/<dataset>.inter (or the benchmark_filename parts; ml-100k ships with RecBole)"
+            )
     get_sampler(config["neg_sampler"]).cls.validate_config(config)
+
+
+def _check_positions(config: Config) -> None:
+    _check_choice(config, "train_positions", TRAIN_POSITIONS)
+    if config["train_window_stride"] is not None:
+        check_number(config, "train_window_stride", 1, config["MAX_ITEM_LIST_LENGTH"], integer=True)
+    transform = config.external_config_dict.get("transform")  # one the user set (BERT4Rec's own is its default)
+    if config["train_positions"] == "all" and transform:
+        raise ValueError(f"train_positions: all trains RecBole's rows as user windows and cannot apply the sequence "
+                         f"transform {transform!r}; set transform: ~ or train_positions: last")
 
 
 def check_catalogue(config: Config, dataset) -> None:

@@ -117,12 +117,26 @@ class CandidateTrainDataLoader(TrainDataLoader):
         self.sampling_seconds = 0.0  # time spent drawing pools, for the benchmarks' sampling share
         super().__init__(config, dataset, sampler, shuffle=shuffle)
 
-    def _neg_sampling(self, inter: Interaction) -> Interaction:
+    def draw_pools(self, users: torch.Tensor) -> torch.Tensor:
+        """``[len(users), candidate_num]`` candidate pools, timed into :attr:`sampling_seconds`."""
         started = perf_counter()
-        users = inter[self._dataset.uid_field]
-        inter.update(Interaction({CANDIDATES: self._sampler.sample_pool(users, self.candidate_num)}))
+        pools = self._sampler.sample_pool(users, self.candidate_num)
         self.sampling_seconds += perf_counter() - started
+        return pools
+
+    def _neg_sampling(self, inter: Interaction) -> Interaction:
+        inter.update(Interaction({CANDIDATES: self.draw_pools(inter[self._dataset.uid_field])}))
         return inter
+
+    def probe_batch(self, rows: int = 32) -> Interaction:
+        """A real training batch (RecBole's rows, transform and candidate pools) for the checks made before
+        training (scorers, full sequence): the ``rows`` shortest and longest sequences and ``2 * rows`` rows
+        spread evenly over the lengths in between."""
+        lengths = self._dataset.inter_feat[self._dataset.config["ITEM_LIST_LENGTH_FIELD"]]
+        order = lengths.argsort(stable=True)
+        spread = torch.linspace(0, len(order) - 1, 2 * rows).long()
+        index = torch.cat([order[:rows], order[spread], order[-rows:]]).unique()
+        return self.collate_fn(index.numpy())
 
 
 def candidate_train_loader(config, train_data: TrainDataLoader) -> CandidateTrainDataLoader:

@@ -10,6 +10,7 @@ from logging import getLogger
 
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation, negative_stats
+from recbole_mdcns.full_sequence import LOSS_SCALE
 from recbole_mdcns.losses import LOSSES
 from recbole_mdcns.scoring import Scorer, build_scorer
 
@@ -44,8 +45,19 @@ class NegativeSamplingModule(pl.LightningModule):
         self.ever_used = torch.zeros(model.n_items, dtype=torch.bool)
         self.negative_history: list[dict] = []
 
+    def scored_models(self) -> dict[str, torch.nn.Module]:
+        """Every model this module encodes batches with, by scorer name (``self``; MDCNS adds its peer
+        and frozen teachers). The full-sequence path is taken only when all of them qualify."""
+        return {"self": self.model}
+
+    def prepare_scorers(self, probe: Interaction) -> None:
+        """Choose and verify the scorer of every scored model on ``probe``, a real prefix-row batch."""
+        for name, model in self.scored_models().items():
+            self.scorer_for(name, model, probe)
+
     def scorer_for(self, name: str, model: torch.nn.Module, batch: Interaction) -> Scorer:
-        """The scorer of ``model``, chosen and verified on the first batch it sees."""
+        """The scorer of ``model``: chosen and verified against ``predict`` before training
+        (:meth:`prepare_scorers`), or on the first batch it sees."""
         if name not in self.scorers:
             items = torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES][:, :_VERIFY_COLUMNS]], 1)
             self.scorers[name] = build_scorer(model, batch, items)
@@ -70,7 +82,9 @@ class NegativeSamplingModule(pl.LightningModule):
     def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
         self.epoch_loss += loss.item()
-        self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch[CANDIDATES]))
+        if LOSS_SCALE in batch.interaction:  # DDP, all positions: the global batch's mean over its targets
+            loss = loss * batch[LOSS_SCALE][0]
         return loss
 
     def record_negatives(self, ids: torch.Tensor) -> None:

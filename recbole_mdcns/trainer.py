@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import OrderedDict
 from time import time
@@ -15,6 +16,14 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, early_stopping, set_color
 from torch.utils.data import DataLoader, DistributedSampler
 
+from recbole_mdcns.full_sequence import (
+    WindowBatchSampler,
+    WindowCollate,
+    Windows,
+    plan_positions,
+    trim_batch,
+    user_sequences,
+)
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.registry import get_sampler
 
@@ -46,23 +55,63 @@ def _tensorboard_on_rank_zero():
         recbole_trainer.get_tensorboard = original
 
 
+class _Keys(torch.utils.data.Dataset):
+    """A map-style dataset whose items are the sampler's keys (the collate function does the work)."""
+
+    def __getitem__(self, key):
+        return key
+
+
 class RecBoleTrainData(pl.LightningDataModule):
-    """RecBole's training loader, re-batched per rank: the index sampler is Lightning-aware,
-    batches still come from RecBole's ``collate_fn`` (dataset rows, transforms, candidate pools)."""
+    """RecBole's training data, batched per rank for Lightning.
+
+    Prefix rows (``train_positions: last``): RecBole's loader re-batched by a Lightning-aware index
+    sampler; batches still come from RecBole's ``collate_fn`` (dataset rows, transforms, candidate
+    pools), trimmed to their longest sequence when that changes no model's output.
+    All positions (``train_positions: all``): user windows packed up to ``train_batch_size``
+    targets (:mod:`recbole_mdcns.full_sequence`). Which one runs is measured before the first
+    batch, on a real prefix-row batch, for every model the module scores with.
+    """
 
     def __init__(self, train_data, seed: int) -> None:
         super().__init__()
         self.train_data = train_data
         self.seed = seed
-        self.index_sampler: DistributedSampler | None = None
+        self.index_sampler: DistributedSampler | WindowBatchSampler | None = None
+        self.full_sequence = False
+        self.targets_per_epoch = train_data.sample_size
 
     def train_dataloader(self) -> DataLoader:
+        data, config = self.train_data, self.train_data.config
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        indices = range(self.train_data.sample_size)
-        self.index_sampler = DistributedSampler(indices, num_replicas=world, rank=rank,
-                                                shuffle=self.train_data.shuffle, seed=self.seed)
-        return DataLoader(indices, batch_size=max(1, self.train_data.step // world), sampler=self.index_sampler,
-                          collate_fn=self.train_data.collate_fn, num_workers=self.train_data.config["worker"])
+        module = self.trainer.lightning_module
+        probe = data.probe_batch()
+        module.prepare_scorers(probe)
+        self.full_sequence, trim = plan_positions(module, probe, config["train_positions"])
+        if self.full_sequence:
+            dataset = data._dataset
+            seqs = user_sequences(dataset.inter_feat[dataset.uid_field], dataset.inter_feat[dataset.iid_field],
+                                  dataset.inter_feat[module.model.ITEM_SEQ], dataset.inter_feat[module.model.ITEM_SEQ_LEN])
+            L = config["MAX_ITEM_LIST_LENGTH"]
+            windows = Windows.build(seqs, L, config["train_window_stride"] or max(1, L // 2))
+            self.targets_per_epoch = int(windows.targets.sum())
+            self.index_sampler = WindowBatchSampler(windows.targets, config["train_batch_size"], data.shuffle,
+                                                    self.seed, world, rank)
+            return DataLoader(_Keys(), sampler=self.index_sampler, batch_size=None,
+                              collate_fn=WindowCollate(windows, data, world), num_workers=config["worker"])
+        indices = range(data.sample_size)
+        self.index_sampler = DistributedSampler(indices, num_replicas=world, rank=rank, shuffle=data.shuffle,
+                                                seed=self.seed)
+        collate = data.collate_fn
+        if trim:
+            seq_field, len_field = module.model.ITEM_SEQ, module.model.ITEM_SEQ_LEN
+            collate = functools.partial(_trimmed, data.collate_fn, seq_field, len_field)
+        return DataLoader(indices, batch_size=max(1, data.step // world), sampler=self.index_sampler,
+                          collate_fn=collate, num_workers=config["worker"])
+
+
+def _trimmed(collate, seq_field: str, len_field: str, index):
+    return trim_batch(collate(index), seq_field, len_field)
 
 
 class RecBoleEpochEnd(pl.Callback):
@@ -161,6 +210,7 @@ class NegSamplingTrainer(Trainer):
         self.module: NegativeSamplingModule | None = None
         self.epoch_seconds: dict[int, float] = {}
         self.best_epoch: int | None = None
+        self.datamodule: RecBoleTrainData | None = None
 
     def build_module(self) -> NegativeSamplingModule:
         return get_sampler(self.config["neg_sampler"]).cls(self.model, self.optimizer, self.config)
@@ -192,8 +242,8 @@ class NegSamplingTrainer(Trainer):
         if saved:
             callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0))
         lit = self.lightning_trainer = self._lightning_trainer(callbacks, show_progress)
-        lit.fit(module, datamodule=RecBoleTrainData(train_data, self.config["seed"]),
-                ckpt_path=self.config["resume_from"])
+        self.datamodule = RecBoleTrainData(train_data, self.config["seed"])
+        lit.fit(module, datamodule=self.datamodule, ckpt_path=self.config["resume_from"])
         module.to(self.device)  # Lightning's teardown leaves the model on the CPU; evaluate where we trained
         self.saved_model_file = lit.strategy.broadcast(self.saved_model_file, src=0)
         if lit.is_global_zero:
@@ -211,4 +261,6 @@ class NegSamplingTrainer(Trainer):
             # MDCNS: the peer's and the self+peer ensemble's validation results, per validated epoch
             "extra_valid_results": list(getattr(self.module, "extra_valid_results", [])),
             "device": str(self.device),
+            "train_positions": "all" if self.datamodule and self.datamodule.full_sequence else "last",
+            "targets_per_epoch": self.datamodule.targets_per_epoch if self.datamodule else None,
         }

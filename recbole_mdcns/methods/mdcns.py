@@ -300,6 +300,10 @@ class MDCNSModule(NegativeSamplingModule):
                                              for p in paths)
         self.teachers.to(self.config["device"])
 
+    def scored_models(self) -> dict[str, torch.nn.Module]:
+        return {"self": self.model, "peer": self.peer,
+                **{f"teacher{i}": teacher for i, teacher in enumerate(self.teachers)}}
+
     def train(self, mode: bool = True):
         super().train(mode)
         for teacher in self.teachers:
@@ -333,20 +337,14 @@ class MDCNSModule(NegativeSamplingModule):
                             tau=w["tau"], mu=w["mu"], agg=self.agg, include_positive=self.include_positive)
 
     def training_loss(self, batch: Interaction) -> torch.Tensor:
-        parts = self.losses(batch)
-        return parts.self_total + parts.peer_total
-
-    def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
+        """``L_self + L_peer`` (Eq. 13 for each); one backward updates both models."""
         parts = self.losses(batch)
         self.record_negatives(batch[CANDIDATES].gather(1, parts.negatives))
-        loss = parts.self_total + parts.peer_total
         self.epoch_parts[0] += parts.self_total.item()
         self.epoch_parts[1] += parts.peer_total.item()
-        size = len(batch)
-        self.log("loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({"loss_self": parts.self_total, "loss_peer": parts.peer_total,
-                       "dis_self": parts.self_dis, "dis_peer": parts.peer_dis}, batch_size=size)
-        return loss
+                       "dis_self": parts.self_dis, "dis_peer": parts.peer_dis}, batch_size=len(parts.negatives))
+        return parts.self_total + parts.peer_total
 
     def pop_epoch_loss(self) -> tuple[float, float]:
         """RecBole's multi-part train loss: ``train_loss1`` = self model's Eq. 13 sum, ``train_loss2`` = peer's."""
