@@ -9,7 +9,12 @@ Default: SASRec on ml-100k, four variants --
   ``train_neg_sample_args: {distribution: uniform, sample_num: 1, dynamic: True,
   candidate_num: 10}``, BPR) on RecBole's own ``Trainer``.
 
-and, on request (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it trains:
+``--variants full-sequence`` compares ``train_positions: all`` (``uniform-all``, ``dns-100-all``,
+``mdcns-all``, ``divns-all``) with prefix rows (``uniform``) and RecBole's own ``uniform`` pipeline
+(``recbole-uniform``); targets ``uniform-all / uniform <= 0.1``, ``mdcns-all / recbole-uniform <= 0.2``,
+``dns-100-all / uniform-all <= 1.3``, and DivNS's epoch-end refresh as a share of its epoch.
+
+And, on request (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it trains:
 
 * ``peer-uniform``   -- the peer model (``--peer-model``, default GRU4Rec) with ``neg_sampler: uniform``;
 * ``mdcns``          -- ``neg_sampler: mdcns`` (``candidate_num: 100``), ``--model`` as self, the peer as peer.
@@ -65,7 +70,15 @@ VARIANTS = {
     "recbole-dns-10": {"neg_sampler": "recbole", "loss_type": "BPR", "train_neg_sample_args": RECBOLE_DNS},
     "peer-uniform": {"neg_sampler": "uniform"},
     "mdcns": {"neg_sampler": "mdcns", "candidate_num": 100},
+    # train_positions: all (issue 10): every target of a user window from one encoder pass
+    "recbole-uniform": {"neg_sampler": "recbole", "loss_type": "BPR",
+                        "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+    "uniform-all": {"neg_sampler": "uniform", "train_positions": "all"},
+    "dns-100-all": {"neg_sampler": "dns", "candidate_num": 100, "train_positions": "all"},
+    "mdcns-all": {"neg_sampler": "mdcns", "candidate_num": 100, "train_positions": "all"},
+    "divns-all": {"neg_sampler": "divns", "train_positions": "all"},
 }
+FULL_SEQUENCE_VARIANTS = ["uniform", "recbole-uniform", "uniform-all", "dns-100-all", "mdcns-all", "divns-all"]
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]
 # (variant, reference, quantity, relation, bound): "variant / reference" for time, or
 # "reference is `bound`x better than variant" for the speed-up / memory saving targets. A tuple
@@ -75,6 +88,9 @@ TARGETS = [
     ("mdcns", ("uniform", "peer-uniform"), "time", "<=", 1.15),
     ("recbole-dns-10", "dns-10", "time", ">=", 4.0),
     ("recbole-dns-10", "dns-10", "memory", ">=", 3.0),
+    ("uniform-all", "uniform", "time", "<=", 0.1),
+    ("mdcns-all", "recbole-uniform", "time", "<=", 0.2),
+    ("dns-100-all", "uniform-all", "time", "<=", 1.3),
 ]
 MEMORY_TAG = "EPOCH_TIME_MEMORY "
 
@@ -105,7 +121,7 @@ def variant_spec(label: str, args) -> tuple[str, dict]:
     """The model and config overrides of variant ``label``: ``peer-uniform`` trains the peer model,
     ``mdcns`` pairs ``--model`` (self) with it."""
     overrides = dict(VARIANTS[label])
-    if label == "mdcns":
+    if label.startswith("mdcns"):
         overrides["mdcns_peer_model"] = args.peer_model
     return (args.peer_model if label == "peer-uniform" else args.model), overrides
 
@@ -254,7 +270,11 @@ class Variant:
         self.trainer.fit(self.train_data, None, verbose=False, saved=False, show_progress=False)
         _sync(self.device)
         fit_s = perf_counter() - start
-        return {"epoch_s": self.trainer.epoch_times[-1], "fit_s": fit_s}
+        result = {"epoch_s": self.trainer.epoch_times[-1], "fit_s": fit_s}
+        history = getattr(self.trainer.module, "negative_history", None) if self.ours else None
+        if history and "refresh_seconds" in history[-1]:  # DivNS: its epoch-end k-DPP refresh, inside epoch_s
+            result["refresh_s"] = history[-1]["refresh_seconds"]
+        return result
 
 
 def _silence() -> None:
@@ -277,7 +297,7 @@ def measure_times(args, labels: list[str]) -> dict:
         for label in labels:
             result = variants[label].run_epoch()
             print(f"[warm-up] {label}: epoch {result['epoch_s']:.2f}s (not counted)", flush=True)
-    times = {label: {"epoch_s": [], "fit_s": []} for label in labels}
+    times = {label: {"epoch_s": [], "fit_s": [], "refresh_s": []} for label in labels}
     for rnd in range(args.rounds):
         order = labels[rnd % len(labels):] + labels[:rnd % len(labels)]
         for label in order:
@@ -350,6 +370,9 @@ def summarize(times: dict, memory: dict, reference: str = "uniform") -> dict:
             if reference in times:
                 per_round = [a / b for a, b in zip(times[label]["epoch_s"], times[reference]["epoch_s"])]
                 entry[f"time_vs_{reference}"] = _median(per_round)
+            if times[label].get("refresh_s"):
+                entry["refresh_share"] = _median([r / e for r, e in zip(times[label]["refresh_s"],
+                                                                        times[label]["epoch_s"])])
         if label in memory:
             entry["peak_delta_mib"] = memory[label]["peak_rss_delta_mib"]
             if memory[label].get("cuda_peak_delta_mib") is not None:
@@ -389,6 +412,9 @@ def render(summary: dict, times: dict, memory: dict, reference: str = "uniform")
                      f"| {fmt(f'time_vs_{reference}', '.2f')}{'x' if entry.get(f'time_vs_{reference}') is not None else ''} | {mem} "
                      f"| {fmt(f'memory_vs_{reference}', '.2f')}{'x' if entry.get(f'memory_vs_{reference}') is not None else ''} |")
     lines.append("")
+    for label, entry in summary["variants"].items():
+        if entry.get("refresh_share") is not None:
+            lines.append(f"- {label}: epoch-end k-DPP refresh = {entry['refresh_share']:.1%} of the epoch")
     for t in summary["targets"]:
         if t["relation"] == "<=":
             text = (f"{t['variant']} time / ({t['reference']}) time = {t['ratio']:.2f}x "
@@ -413,7 +439,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed epochs of every variant before the rounds (worth 1 on a GPU)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+                        help=f"comma-separated subset of {','.join(VARIANTS)}, or full-sequence "
+                             f"({','.join(FULL_SEQUENCE_VARIANTS)})")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=2020)
@@ -436,6 +463,8 @@ def main(argv=None) -> dict | None:
 
         torch.set_num_threads(args.threads)
     labels = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if labels == ["full-sequence"]:  # issue 10's comparison
+        labels = list(FULL_SEQUENCE_VARIANTS)
     unknown = [v for v in labels if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
