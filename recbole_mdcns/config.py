@@ -22,8 +22,9 @@ CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
 
 
-def sampler_yaml(name: str) -> str:
-    """Path of ``config_yamls/<name>.yaml``: installed with the package, or in a source checkout."""
+def packaged_yaml(name: str) -> str:
+    """Path of ``config_yamls/<name>.yaml`` (``dns``, ``models/Mamba4Rec``, ``presets/...``): installed with
+    the package, or in a source checkout."""
     try:
         folder = resources.files("recbole_mdcns.config_yamls")
     except ModuleNotFoundError:  # imported from a checkout, where config_yamls/ sits beside the package
@@ -33,7 +34,7 @@ def sampler_yaml(name: str) -> str:
 
 def preset_yaml(name: str) -> str:
     """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``."""
-    return sampler_yaml(f"presets/{name}")
+    return packaged_yaml(f"presets/{name}")
 
 
 def requested_sampler(config_file_list=None, config_dict=None) -> str:
@@ -67,7 +68,7 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
                              "own trainer, which trains prefix rows")
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
-    defaults = [sampler_yaml("base"), *([sampler.config_file] if sampler.config_file else [])]
+    defaults = [packaged_yaml("base"), *([sampler.config_file] if sampler.config_file else [])]
     config = Config(model=model, dataset=dataset, config_file_list=defaults + files, config_dict=config_dict)
     validate(config)
     _resolve_device(config)

@@ -15,7 +15,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_model, init_seed
 
 import recbole_mdcns
-from recbole_mdcns.config import create_config, sampler_yaml
+from recbole_mdcns.config import create_config, packaged_yaml
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.methods.divns import (
@@ -341,7 +341,7 @@ def test_validate_config_names_key(tiny_data, tmp_path, key, value):
 
 
 def test_defaults_are_the_papers():
-    with open(sampler_yaml("divns")) as f:
+    with open(packaged_yaml("divns")) as f:
         defaults = yaml.safe_load(f)
     assert defaults["candidate_num"] == 10 and defaults["divns_cache_ratio"] == 2
     assert defaults["divns_lambda"] == 0.5 and defaults["divns_alpha"] == 1.0 and defaults["divns_gamma"] == 1.0

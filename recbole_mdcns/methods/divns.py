@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number, sampler_yaml
+from recbole_mdcns.config import check_number, packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.dpp import greedy_map_dpp, kdpp_rank, sample_k_dpp
@@ -506,4 +506,4 @@ class DivNSModule(DNSModule):
             self.load_divns_state(checkpoint["divns"])
 
 
-register_sampler("divns", DivNSModule, config_file=sampler_yaml("divns"))
+register_sampler("divns", DivNSModule, config_file=packaged_yaml("divns"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import sampler_yaml
+from recbole_mdcns.config import packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.registry import register_sampler
@@ -44,4 +44,4 @@ class DNSModule(NegativeSamplingModule):
 
 
 for _name in ("uniform", "popularity", "dns"):
-    register_sampler(_name, DNSModule, config_file=sampler_yaml(_name))
+    register_sampler(_name, DNSModule, config_file=packaged_yaml(_name))

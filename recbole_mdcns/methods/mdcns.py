@@ -45,7 +45,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import dict2str, set_color
 
 from recbole_mdcns.companion_models import build_companion, load_frozen_model
-from recbole_mdcns.config import NO_BPR_MODELS, sampler_yaml
+from recbole_mdcns.config import NO_BPR_MODELS, packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
 from recbole_mdcns.lightning_module import NegativeSamplingModule
@@ -370,4 +370,4 @@ class MDCNSModule(NegativeSamplingModule):
         self.extra_valid_results.append(record)
 
 
-register_sampler("mdcns", MDCNSModule, config_file=sampler_yaml("mdcns"))
+register_sampler("mdcns", MDCNSModule, config_file=packaged_yaml("mdcns"))

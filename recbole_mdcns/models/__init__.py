@@ -143,7 +143,15 @@ def _load_internal_config_dict(self, model, model_class, dataset):
 
 
 def install_hook() -> None:
-    """Route RecBole's model lookups through :func:`get_model` (idempotent)."""
+    """Route RecBole's model lookups through :func:`get_model` and register this package's models (idempotent)."""
+    _register_builtin_models()
     for module in (recbole_utils, recbole_utils_utils, recbole_configurator, recbole_quick_start):
         module.get_model = get_model
     Config._load_internal_config_dict = _load_internal_config_dict
+
+
+def _register_builtin_models() -> None:
+    from recbole_mdcns.config import packaged_yaml
+    from recbole_mdcns.models.mamba4rec import Mamba4Rec
+
+    register_model("Mamba4Rec", Mamba4Rec, config_file=packaged_yaml("models/Mamba4Rec"))
