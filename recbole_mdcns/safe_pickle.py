@@ -7,7 +7,9 @@ tells apart what a file may do with each (a global in a pickle is either *called
 ``REDUCE`` opcode, *instantiated* without ``__init__`` by ``NEWOBJ``, or only *referenced*):
 
 * called: torch's own ``weights_only`` allowlist (tensor rebuild functions, ``torch.device``,
-  dtypes, ``OrderedDict`` ...), numpy's array / scalar / dtype rebuilders, RecBole's enums,
+  dtypes, ``OrderedDict`` ...), ``torch.storage._load_from_bytes`` (a tensor in a plain pickle,
+  e.g. a dataloader cache) replaced by a ``weights_only=True`` load of the storage, numpy's
+  array / scalar / dtype rebuilders, RecBole's enums,
   pandas' block, block-manager and index rebuilders, ``logging.getLogger``, ``slice``,
   ``frozenset``, ``range``, ``pathlib`` paths, and ``getattr(obj, name)`` only to take a
   bound method of a RecBole object (a dataloader's ``collate_fn``), never a dunder;

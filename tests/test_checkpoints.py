@@ -124,7 +124,8 @@ def test_crafted_dataset_cache_is_refused(trained, tmp_path, monkeypatch):
     cache = Path(config["checkpoint_dir"]) / f"{config['dataset']}-SequentialDataset.pth"
     cache.write_bytes(pickle.dumps(_Calls(os.system, f"touch {marker}"), protocol=4))
     try:
-        with pytest.raises(UnsafePickleError, match=re.escape(f"{cache}: refusing to load {os.system.__module__}.system")):
+        named = f"{cache}: refusing to load {os.system.__module__}.system"
+        with pytest.raises(UnsafePickleError, match=re.escape(named)):
             create_dataset(config)
     finally:
         cache.unlink()
