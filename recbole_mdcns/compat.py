@@ -1,32 +1,45 @@
 """Everything RecBole 1.2.1 needs to run on today's stack, in one place.
 
-RecBole 1.2.1 predates NumPy 2, pandas 3, setuptools 81 and torch 2.6. The
-package's dependency pins (``numpy<2``, ``pandas<3``, ``setuptools<81``) fix
-most breaks; this module checks those pins at import time (so a later upgrade
+RecBole 1.2.1 predates NumPy 2, pandas 3, setuptools 81, torch 2.6 and hyperopt
+0.2.7. The package's dependency pins (``numpy<2``, ``pandas<3``, ``setuptools<81``)
+fix most breaks; this module checks those pins at import time (so a later upgrade
 fails loudly instead of silently mis-remapping ``token_seq`` fields) and adds
-the two shims the pins cannot:
+the shims the pins cannot:
 
 * RecBole saves checkpoints with ``pickle_protocol=4`` holding its ``Config``;
-  torch >= 2.6 loads with ``weights_only=True`` and refuses them. The RecBole
-  modules that load such checkpoints (its trainer; S3Rec and the other models
-  that load pre-trained weights) get a ``torch`` whose ``load`` defaults to
-  ``weights_only=False`` (these are the user's own checkpoints); ``torch``
-  itself is untouched.
+  torch >= 2.6 loads with ``weights_only=True``, which cannot read them, and
+  ``weights_only=False`` would let a checkpoint run code. Every RecBole loader
+  (its trainer's best model and resume, the models that load pre-trained
+  weights, ``recbole.quick_start.load_data_and_model``, and the dataset and
+  dataloader caches ``save_dataset`` / ``save_dataloaders`` write) reads through
+  :func:`load_recbole_checkpoint` / :mod:`recbole_mdcns.safe_pickle` instead: the
+  types RecBole's files hold, nothing else. ``torch`` and ``pickle`` themselves
+  are untouched; the RecBole modules get stand-ins whose ``load`` is restricted.
 * ``recbole.quick_start`` imports ``ray.tune`` at import time. If ray cannot be
   imported, a placeholder takes its place whose every use raises an error
   naming the original failure: training works, ray-based tuning fails clearly.
+* hyperopt >= 0.2.7 samples with a ``numpy.random.Generator`` (``rng.integers``);
+  RecBole's exhaustive search hands it a ``RandomState`` (RecBole issue #1868).
+  ``recbole.trainer.hyper_tuning`` sees a ``numpy`` whose ``random.RandomState``
+  gives the generator the installed hyperopt expects.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import pickle
+import re
 import sys
 import types
 import warnings
-from typing import Any
+from logging import getLogger
+from typing import Any, Iterator
 
 import numpy
 import pandas
 import torch
+
+from recbole_mdcns import safe_pickle
 
 _PINS = {"numpy": (numpy.__version__, 2), "pandas": (pandas.__version__, 3)}
 
@@ -71,8 +84,29 @@ def _guard_ray() -> None:
             sys.modules["ray"] = _RayUnavailable(error)
 
 
-class _TorchTrustedLoad(types.ModuleType):
-    """``torch`` as seen by RecBole's trainer: ``load`` reads its own checkpoints."""
+@contextlib.contextmanager
+def _naming(source: Any) -> Iterator[None]:
+    """Prefix a refusal with the file it came from, and say how to load a trusted file anyway."""
+    try:
+        yield
+    except safe_pickle.UnsafePickleError as error:
+        name = getattr(source, "name", source)
+        raise safe_pickle.UnsafePickleError(
+            f"{name}: {error}. Load a file you trust with torch.load(..., weights_only=False) / pickle.load"
+        ) from None
+
+
+def load_recbole_checkpoint(f: Any, map_location: Any = None) -> Any:
+    """``torch.load`` of a checkpoint RecBole (or this plug-in) saved, through the restricted
+    unpickler :mod:`recbole_mdcns.safe_pickle`: tensors, RecBole's ``Config`` and enums, numpy
+    values and plain containers load; any other type raises ``safe_pickle.UnsafePickleError``
+    naming it (``module.qualname``) before anything in the file is called."""
+    with _naming(f):
+        return torch.load(f, map_location=map_location, weights_only=False, pickle_module=safe_pickle)
+
+
+class _TorchSafeLoad(types.ModuleType):
+    """``torch`` as seen by RecBole's modules that load its checkpoints: ``load`` is restricted."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -81,12 +115,82 @@ class _TorchTrustedLoad(types.ModuleType):
         return getattr(torch, name)
 
     @staticmethod
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("weights_only", False)
-        return torch.load(f, *args, **kwargs)
+    def load(f: Any, map_location: Any = None) -> Any:
+        return load_recbole_checkpoint(f, map_location=map_location)
 
 
-# RecBole modules that torch.load checkpoints RecBole itself saved (its Config pickled inside):
+class _PickleSafeLoad(types.ModuleType):
+    """``pickle`` as seen by ``recbole.data.utils`` (dataset and dataloader caches): ``load`` is restricted."""
+
+    def __init__(self) -> None:
+        super().__init__("pickle")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file: Any) -> Any:
+        with _naming(file):
+            return safe_pickle.load(file)
+
+
+def load_data_and_model(model_file: str) -> tuple:
+    """``recbole.quick_start.load_data_and_model``, reading ``model_file`` through
+    :func:`load_recbole_checkpoint` (RecBole's imports ``torch`` inside the function, out of
+    reach of a module stand-in): ``(config, model, dataset, train_data, valid_data, test_data)``."""
+    from recbole.data import create_dataset, data_preparation  # RecBole is imported after the pin checks
+    from recbole.utils import get_model, init_logger, init_seed
+
+    checkpoint = load_recbole_checkpoint(model_file)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def _hyperopt_wants_generator() -> bool:
+    import hyperopt
+
+    return tuple(int(part) for part in re.findall(r"\d+", hyperopt.__version__)[:3]) >= (0, 2, 7)
+
+
+class _NumpyRandomForHyperopt(types.ModuleType):
+    """``numpy.random`` whose ``RandomState(seed)`` is the generator the installed hyperopt samples with."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy.random")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(numpy.random, name)
+
+    @staticmethod
+    def RandomState(seed: Any = None) -> Any:  # noqa: N802 -- numpy's name
+        return numpy.random.default_rng(seed) if _hyperopt_wants_generator() else numpy.random.RandomState(seed)
+
+
+class _NumpyForHyperopt(types.ModuleType):
+    """``numpy`` as seen by ``recbole.trainer.hyper_tuning`` (its exhaustive search's rng)."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy")
+        self.random = _NumpyRandomForHyperopt()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(numpy, name)
+
+
+# RecBole modules that torch.load checkpoints RecBole saved (its Config pickled inside):
 # the trainer (best model, resume) and the models that load their pre-trained weights.
 _LOADS_RECBOLE_CHECKPOINTS = (
     "recbole.trainer.trainer",
@@ -106,5 +210,9 @@ def apply() -> None:
         _guard_ray()
     for name in _LOADS_RECBOLE_CHECKPOINTS:
         module = importlib.import_module(name)
-        if not isinstance(module.torch, _TorchTrustedLoad):
-            module.torch = _TorchTrustedLoad()
+        if not isinstance(module.torch, _TorchSafeLoad):
+            module.torch = _TorchSafeLoad()
+    importlib.import_module("recbole.data.utils").pickle = _PickleSafeLoad()
+    for name in ("recbole.quick_start", "recbole.quick_start.quick_start"):  # after the ray guard: imports ray.tune
+        importlib.import_module(name).load_data_and_model = load_data_and_model
+    importlib.import_module("recbole.trainer.hyper_tuning").np = _NumpyForHyperopt()

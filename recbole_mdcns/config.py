@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from importlib import resources
@@ -83,8 +84,11 @@ def _check_choice(config: Config, key: str, choices) -> None:
 def check_number(config: Config, key: str, low: float, high: float = math.inf, integer: bool = False,
                  low_open: bool = False):
     """``config[key]``, checked to be a number (an int if ``integer``) in ``[low, high]`` (``(low, high]``
-    if ``low_open``); else ``ValueError`` naming the key and the range."""
+    if ``low_open``); else ``ValueError`` naming the key and the range. With ``integer``, a whole
+    number of another type (hyperopt's ``quniform`` gives ``100.0``) is stored back as an ``int``."""
     value = config[key]
+    if integer and isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        value = config[key] = int(value)
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     bracket = "(" if low_open else "["

@@ -26,6 +26,52 @@ def _init_logger(config) -> None:
         config["show_progress"] = False
 
 
+def load_data(config) -> tuple:
+    """RecBole's dataset and its train / valid / test loaders; with a sampler the train loader
+    also draws candidate pools, after checking that the pool fits in the catalogue."""
+    dataset = create_dataset(config)
+    getLogger().info(dataset)
+    check_catalogue(config, dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    if config["neg_sampler"] != "recbole":
+        train_data = candidate_train_loader(config, train_data)
+    return dataset, train_data, valid_data, test_data
+
+
+def build_model(config, train_data):
+    """The RecBole model ``config["model"]`` on the training set, seeded as RecBole seeds it."""
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    getLogger().info(model)
+    return model
+
+
+def build_trainer(config, model):
+    """:class:`NegSamplingTrainer` with a sampler, else RecBole's own trainer for the model."""
+    if config["neg_sampler"] != "recbole":
+        return NegSamplingTrainer(config, model)
+    return get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+
+
+def fit_and_test(trainer, train_data, valid_data, test_data, saved: bool = True, verbose: bool = True) -> dict:
+    """Train, then test the best model: RecBole's four result keys, plus ``train_info`` with a sampler."""
+    config = trainer.config
+    show_progress = config["show_progress"]
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+    if isinstance(trainer, NegSamplingTrainer):  # an extra key; RecBole's four are unchanged
+        result["train_info"] = trainer.train_info(train_data)
+    return result
+
+
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None) -> dict:
     """Train and test ``model`` on ``dataset``; same arguments and result as RecBole's ``run_recbole``.
 
@@ -43,38 +89,16 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(sys.argv)
     logger.info(config)
 
-    dataset = create_dataset(config)
-    logger.info(dataset)
-    check_catalogue(config, dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    ours = config["neg_sampler"] != "recbole"
-    if ours:
-        train_data = candidate_train_loader(config, train_data)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    logger.info(model)
+    dataset, train_data, valid_data, test_data = load_data(config)
+    model = build_model(config, train_data)
     flops = get_flops(model, dataset, config["device"], logger, construct_transform(config))
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
-
-    trainer_class = NegSamplingTrainer if ours else get_trainer(config["MODEL_TYPE"], config["model"])
-    trainer = trainer_class(config, model)
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    trainer = build_trainer(config, model)
+    result = fit_and_test(trainer, train_data, valid_data, test_data, saved=saved)
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
-    result = {
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-    }
-    if ours:  # an extra key; RecBole's four are unchanged
-        result["train_info"] = trainer.train_info(train_data)
+    logger.info(set_color("best valid ", "yellow") + f": {result['best_valid_result']}")
+    logger.info(set_color("test result", "yellow") + f": {result['test_result']}")
     if queue is not None and rank_zero_only.rank == 0:
         queue.put(result)
     return result

@@ -38,21 +38,24 @@ def _unused_name(path: str) -> str:
 
 
 class _NullWriter:
-    """TensorBoard writer for ranks other than 0, which write no files."""
+    """TensorBoard writer and W&B logger for ranks other than 0, which write and log nothing."""
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
 
 @contextlib.contextmanager
-def _tensorboard_on_rank_zero():
-    original = recbole_trainer.get_tensorboard
+def _writers_on_rank_zero():
+    """RecBole's trainer opens a TensorBoard writer and a W&B run (``log_wandb``) in ``__init__``:
+    only on rank 0."""
+    originals = recbole_trainer.get_tensorboard, recbole_trainer.WandbLogger
     if rank_zero_only.rank != 0:
         recbole_trainer.get_tensorboard = lambda logger: _NullWriter()
+        recbole_trainer.WandbLogger = lambda config: _NullWriter()
     try:
         yield
     finally:
-        recbole_trainer.get_tensorboard = original
+        recbole_trainer.get_tensorboard, recbole_trainer.WandbLogger = originals
 
 
 class _Keys(torch.utils.data.Dataset):
@@ -116,8 +119,10 @@ def _trimmed(collate, seq_field: str, len_field: str, index):
 
 class RecBoleEpochEnd(pl.Callback):
     """RecBole's per-epoch bookkeeping as Lightning hooks: per-epoch reseeding, RecBole's
-    log lines, full-sort validation every ``eval_step`` epochs, RecBole's early stopping on
-    ``valid_metric`` / ``stopping_step``, and the best model saved in RecBole's format."""
+    log lines, TensorBoard scalars and W&B curves (``log_wandb``: ``train/train_loss`` per
+    epoch, ``valid/<metric>`` per validation), full-sort validation every ``eval_step``
+    epochs, RecBole's early stopping on ``valid_metric`` / ``stopping_step``, and the best
+    model saved in RecBole's format."""
 
     def __init__(self, trainer: "NegSamplingTrainer", train_data, valid_data, verbose: bool,
                  saved: bool, callback_fn=None) -> None:
@@ -148,6 +153,9 @@ class RecBoleEpochEnd(pl.Callback):
         if self.verbose:
             rb.logger.info(rb._generate_train_loss_output(epoch, self.started, time(), loss))
         rb._add_train_loss_to_tensorboard(epoch, loss)
+        parts = {f"train_loss{i + 1}": part for i, part in enumerate(loss)} if isinstance(loss, tuple) else {}
+        total = sum(loss) if isinstance(loss, tuple) else loss
+        rb.wandblogger.log_metrics({"epoch": epoch, "train_loss": total, **parts, "train_step": epoch}, head="train")
         if rb.eval_step <= 0 or not self.valid_data:
             if self.saved and trainer.is_global_zero:
                 rb._save_checkpoint(epoch, verbose=self.verbose)
@@ -166,6 +174,7 @@ class RecBoleEpochEnd(pl.Callback):
             )
             rb.logger.info(set_color("valid result", "blue") + ": \n" + dict2str(result))
         rb.tensorboard.add_scalar("Vaild_score", score, epoch)
+        rb.wandblogger.log_metrics({**result, "valid_step": (epoch + 1) // rb.eval_step - 1}, head="valid")
         module.log("valid_score", score, prog_bar=True)
         module.after_validation(rb, self.valid_data)
         module.train()
@@ -202,7 +211,7 @@ class NegSamplingTrainer(Trainer):
     ``evaluate`` is RecBole's full-sort evaluation of the (self) model."""
 
     def __init__(self, config, model) -> None:
-        with _tensorboard_on_rank_zero():
+        with _writers_on_rank_zero():
             super().__init__(config, model)
         self.saved_model_file = _unused_name(self.saved_model_file)
         self.lightning_dir = os.path.splitext(self.saved_model_file)[0] + "-lightning"
