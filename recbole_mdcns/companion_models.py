@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from recbole.config import Config
 
+from recbole_mdcns.compat import load_recbole_checkpoint
 from recbole_mdcns.models import sequential_model_class
 
 
@@ -41,7 +42,7 @@ def load_frozen_model(path: str, config: Config, dataset, key: str) -> torch.nn.
     ``requires_grad=False``. A checkpoint made for another dataset, item count or
     ``MAX_ITEM_LIST_LENGTH`` raises ``ValueError`` naming the config ``key`` that listed it."""
     where = f"{key}: {path}"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_recbole_checkpoint(path, map_location="cpu")  # restricted unpickler: refuses code
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{where} is not a RecBole checkpoint (a dict with 'config' and 'state_dict')")
     t_cfg, state = checkpoint["config"], checkpoint["state_dict"]

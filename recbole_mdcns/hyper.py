@@ -18,7 +18,7 @@ from recbole.config import Config
 from recbole.trainer import HyperTuning
 from recbole.utils import init_logger, init_seed
 
-from recbole_mdcns.config import create_config, sampler_yaml
+from recbole_mdcns.config import create_config, packaged_yaml
 from recbole_mdcns.quick_start import build_model, build_trainer, fit_and_test, load_data
 
 
@@ -36,7 +36,7 @@ def _refused_trial(error: ValueError, config_dict, config_file_list) -> dict:
     """
     getLogger().error(f"trial {config_dict} refused: {error}")
     try:
-        config = Config(config_file_list=[sampler_yaml("base"), *(config_file_list or [])], config_dict=config_dict)
+        config = Config(config_file_list=[packaged_yaml("base"), *(config_file_list or [])], config_dict=config_dict)
         model, bigger = config["model"], config["valid_metric_bigger"]
     except ValueError:  # RecBole's own checks failed before it read valid_metric: ranking metrics are bigger
         model, bigger = (config_dict or {}).get("model"), True

@@ -122,6 +122,15 @@ def allowed(module: str, name: str) -> tuple[Any, str] | None:
     return None
 
 
+def _registered_model(module: str, name: str) -> tuple[Any, str] | None:
+    """A model class registered with :func:`recbole_mdcns.register_model` (a RecBole model's peer in
+    this package or the user's own), trusted like RecBole's ``recbole.model`` classes."""
+    from recbole_mdcns.models import registered_models
+
+    obj = registered_models().get(name)
+    return (obj, NEW) if obj is not None and obj.__module__ == module else None
+
+
 def _name(obj: Any) -> str:
     """``module.qualname`` of a class or function, else of the object's type."""
     named = obj if hasattr(obj, "__qualname__") and hasattr(obj, "__module__") else type(obj)
@@ -143,7 +152,7 @@ class Unpickler(pickle._Unpickler):
         self._recbole_objects: dict[int, Any] = {}  # instantiated RecBole objects, kept alive by id
 
     def find_class(self, module: str, name: str) -> Any:
-        found = allowed(module, name)
+        found = allowed(module, name) or _registered_model(module, name)
         if found is None:
             raise UnsafePickleError(
                 f"refusing to load {module}.{name}: not a type RecBole's checkpoints or dataset caches "

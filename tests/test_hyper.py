@@ -10,7 +10,7 @@ import yaml
 from recbole.trainer import HyperTuning
 
 from recbole_mdcns import hyper
-from recbole_mdcns.config import create_config, sampler_yaml
+from recbole_mdcns.config import create_config, packaged_yaml
 
 from conftest import tiny_config
 
@@ -55,9 +55,9 @@ def test_objective_reports_to_ray_only_under_ray_tune():
 def test_example_hyper_files_search_the_samplers_keys(name):
     """The shipped ``hyper/*.hyper`` parse with RecBole's reader and search keys the sampler has."""
     space = HyperTuning._build_space_from_file(str(HYPER_DIR / f"{name}.hyper"))
-    with open(sampler_yaml(name)) as f:
+    with open(packaged_yaml(name)) as f:
         defaults = yaml.safe_load(f)
-    with open(sampler_yaml("base")) as f:
+    with open(packaged_yaml("base")) as f:
         defaults.update(yaml.safe_load(f))
     assert space and set(space) <= set(defaults)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def _history(run_file: Path) -> list[dict]:
         if kind == 0:  # block padding
             pos += left
             continue
+        if pos + _HEADER + length > len(data):  # a record wandb's writer had not finished: the file ends here
+            break
         parts.append(data[pos + _HEADER:pos + _HEADER + length])
         pos += _HEADER + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -48,6 +51,17 @@ def _history(run_file: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def _history_once_written(run_file: Path, key: str, count: int, timeout: float = 30.0) -> list[dict]:
+    """:func:`_history` once ``count`` rows with ``key`` are on disk: wandb's service process may still be
+    writing the offline file when ``wandb.finish()`` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _history(run_file) if run_file.exists() else []
+        if sum(key in row for row in rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -69,7 +83,7 @@ def test_log_wandb_gives_per_epoch_train_loss_and_valid_curves(tiny_data, offlin
     assert wandb.run.settings.mode == "offline" and run_file.parent.parent.parent == offline_wandb
     wandb.finish()
 
-    rows = _history(run_file)
+    rows = _history_once_written(run_file, "valid/ndcg@10", 2)
     train = [row for row in rows if "train/train_loss" in row]
     valid = [row for row in rows if "valid/ndcg@10" in row]
     assert [row["train_step"] for row in train] == [0, 1] and [row["train/epoch"] for row in train] == [0, 1]

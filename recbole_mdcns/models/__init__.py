@@ -113,6 +113,11 @@ def sequential_model_class(name) -> type | None:
     return model if getattr(model, "type", None) == ModelType.SEQUENTIAL else None
 
 
+def registered_models() -> dict[str, type]:
+    """The registered model classes by name."""
+    return {name: entry.cls for name, entry in _MODELS.items()}
+
+
 def model_config_file(name: str) -> str | None:
     """The YAML defaults of a registered model, or ``None``."""
     entry = _MODELS.get(name)
