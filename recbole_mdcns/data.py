@@ -15,7 +15,7 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole.data.interaction import Interaction
 from recbole.sampler import Sampler
 
-from recbole_mdcns.used_pairs import PackedBitmap, PairHashSet
+from recbole_mdcns.used_pairs import PackedBitmap, PairHashSet, in_sorted
 
 CANDIDATES = "candidate_items"
 _REJECTION_ROUNDS = 20
@@ -27,14 +27,6 @@ _REJECTION_ROUNDS = 20
 BITMAP_MAX_BYTES = 64 * 1024 * 1024
 # Sequence entries turned into keys at a time when collecting the used pairs (bounds the transient).
 _KEY_CHUNK = 1 << 20
-
-
-def _in_sorted(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``[n]`` bool: which of ``keys`` occur in the sorted 1-D tensor ``sorted_keys``."""
-    if len(sorted_keys) == 0:
-        return torch.zeros(len(keys), dtype=torch.bool)
-    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=len(sorted_keys) - 1)
-    return sorted_keys[pos] == keys
 
 
 class CandidatePoolSampler(Sampler):
@@ -72,7 +64,7 @@ class CandidatePoolSampler(Sampler):
         for start in range(0, len(seqs), rows):
             seq = seqs[start:start + rows].long()
             seq_keys = (users[start:start + rows].unsqueeze(1) * self.item_num + seq)[seq > 0]
-            extra.append(torch.unique(seq_keys[~_in_sorted(keys, seq_keys)]))
+            extra.append(torch.unique(seq_keys[~in_sorted(keys, seq_keys)]))
         keys = torch.unique(torch.cat([keys, *extra]))
         counts = torch.bincount(keys // self.item_num, minlength=self.user_num)
         full = (counts >= self.item_num - 1).nonzero().flatten()

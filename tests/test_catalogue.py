@@ -76,6 +76,7 @@ def test_user_with_every_training_item_is_an_error(tmp_path, in_tmp, bitmap_max_
 @pytest.mark.parametrize(("user_num", "item_num"), [(300, 400), (100_000, 60_000)])  # keys < 2**31; folded
 def test_membership_matches_a_python_set(user_num, item_num):
     keys = _keys(30_000, user_num, item_num)
+    copy = keys.clone()
     table = PairHashSet(keys, user_num, item_num)
     assert table.fold == (user_num * item_num > 2**31 - 1)
     slots = (table.table >= 0).nonzero().flatten()
@@ -88,6 +89,8 @@ def test_membership_matches_a_python_set(user_num, item_num):
     expected = torch.tensor([q in stored for q in queries.tolist()])
     assert expected.any() and not expected.all()
     assert torch.equal(table.contains(users, items), expected)
+    assert torch.equal(table.contains(users[:1000], items[:1000]), expected[:1000])  # small batches: searched
+    assert torch.equal(keys, copy) and table.keys is keys  # the caller's sorted keys: shared, not modified
     if user_num * item_num < 10**6:
         assert torch.equal(PackedBitmap(keys, user_num, item_num).contains(users, items), expected)
 
