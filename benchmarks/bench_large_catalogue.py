@@ -119,12 +119,13 @@ def memory_child(args) -> None:
     config = create_config("SASRec", dataset_name(args), None, child_config(args, variant))
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
+    interactions = len(dataset.inter_feat)  # data_preparation replaces them by the augmented rows
     stages["dataset"] = rss_mib()
     check_catalogue(config, dataset)
     train_data, _, _ = data_preparation(config, dataset)
     stages["data_preparation"] = rss_mib()
     record = {"variant": variant, "users": dataset.user_num - 1, "items": dataset.item_num - 1,
-              "interactions": len(dataset.inter_feat), "train_rows": len(train_data._dataset)}
+              "interactions": interactions, "train_rows": len(train_data._dataset)}
     ours = variant != "recbole"
     if ours:
         start = perf_counter()
