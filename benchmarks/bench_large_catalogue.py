@@ -173,7 +173,8 @@ def measure_memory(args) -> dict:
                "--users", str(args.users), "--items", str(args.items), "--batches", str(args.batches),
                "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
                "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
         start = perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
@@ -200,7 +201,8 @@ def measure_pool_draw(args) -> dict:
         "checkpoint_dir": os.path.join(args.workdir, "saved")})
     train_data, _, _ = data_preparation(config, create_dataset(config))
     dataset = train_data._dataset
-    samplers = {"bitmap": CandidatePoolSampler(dataset), "hash set": CandidatePoolSampler(dataset, bitmap_max_bytes=0)}
+    samplers = {"bitmap": CandidatePoolSampler(dataset),
+                "hash set": CandidatePoolSampler(dataset, bitmap_max_bytes=0)}
     rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.batch_size]
     users = dataset.inter_feat[dataset.uid_field][rows]
     pools = {}
@@ -227,7 +229,8 @@ def measure_pool_draw(args) -> dict:
     print(f"[pool draw] ml-100k, {len(users)} rows x N={args.candidate_num}: "
           + ", ".join(f"{n} {statistics.median(v):.2f} ms" for n, v in ms.items())
           + f"; hash set / bitmap {out['ratio_median']:.2f}x (rounds " + " ".join(f"{r:.2f}" for r in ratios)
-          + f"); structures {out['bytes']['bitmap'] / MIB:.2f} vs {out['bytes']['hash set'] / MIB:.2f} MiB", flush=True)
+          + f"); structures {out['bytes']['bitmap'] / MIB:.2f} vs {out['bytes']['hash set'] / MIB:.2f} MiB",
+          flush=True)
     return out
 
 
@@ -269,7 +272,8 @@ def main(argv=None) -> dict | None:
         return None
     command = command_line(argv, "benchmarks.bench_large_catalogue")
     print(f"$ {command}", flush=True)
-    record = {"command": command, "settings": {k: v for k, v in vars(args).items() if k not in ("memory_child", "json")},
+    settings = {k: v for k, v in vars(args).items() if k not in ("memory_child", "json")}
+    record = {"command": command, "settings": settings,
               "device": describe_device("cpu"), "versions": versions(), "git": git_state(), "targets": []}
     start = perf_counter()
     if not args.skip_pool_draw:
