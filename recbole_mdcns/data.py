@@ -15,8 +15,19 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole.data.interaction import Interaction
 from recbole.sampler import Sampler
 
+from recbole_mdcns.used_pairs import PackedBitmap, PairHashSet, in_sorted
+
 CANDIDATES = "candidate_items"
 _REJECTION_ROUNDS = 20
+# The packed bitmap of used (user, item) pairs costs user_num * item_num / 8 bytes whatever the data
+# (10.5 GiB on the 300k x 300k synthetic catalogue of benchmarks/bench_large_catalogue.py, where our
+# peak memory is then 1.07x RecBole's own pipeline's with a PairHashSet of 64 MiB instead). It is kept
+# while at most this large (a cost bounded next to RecBole's own dataset), as it is the faster test:
+# on ml-100k, forced onto the hash set, the same benchmark's pool draw (2048 rows, N = 100) took 1.87x
+# the bitmap's.
+BITMAP_MAX_BYTES = 64 * 1024 * 1024
+# Sequence entries turned into keys at a time when collecting the used pairs (bounds the transient).
+_KEY_CHUNK = 1 << 20
 
 
 class CandidatePoolSampler(Sampler):
@@ -24,32 +35,37 @@ class CandidatePoolSampler(Sampler):
 
     ``used_ids`` is a sorted int64 tensor of keys ``user * item_num + item`` for
     every (user, item) seen in training, the first items of sequences included;
-    ``used_bits`` packs the same pairs as one bit each (``[user_num, item_num / 8]``
-    bytes), so testing a draw is one gather. Rejection sampling runs a bounded
-    number of rounds; rows still rejected after that are drawn exactly from their
-    user's complement. A user with no item left to sample raises ``ValueError``
-    when the sampler is built.
+    ``used_pairs`` holds the same pairs for testing draws: a :class:`PackedBitmap`
+    (``user_num * item_num / 8`` bytes, one gather per test) while that is at most
+    ``bitmap_max_bytes``, else a :class:`PairHashSet` (32-64 bytes per pair); both
+    answer alike, so the draws for a seed do not depend on which. Rejection sampling
+    runs a bounded number of rounds; rows still rejected after that are drawn exactly
+    from their user's complement. A user with no item left to sample raises
+    ``ValueError`` when the sampler is built.
     """
 
-    def __init__(self, train_dataset, distribution: str = "uniform", alpha: float = 1.0) -> None:
+    def __init__(self, train_dataset, distribution: str = "uniform", alpha: float = 1.0,
+                 bitmap_max_bytes: int = BITMAP_MAX_BYTES) -> None:
         self.item_seq_field = train_dataset.config["ITEM_ID_FIELD"] + train_dataset.config["LIST_SUFFIX"]
         self.generator = torch.Generator().manual_seed(train_dataset.config["seed"])
         super().__init__(["train"], [train_dataset], distribution, alpha)
-        users, items = self.used_ids // self.item_num, self.used_ids % self.item_num
-        bytes_per_user = (self.item_num + 7) // 8
-        byte, inverse = torch.unique_consecutive(users * bytes_per_user + (items >> 3), return_inverse=True)
-        values = torch.zeros(len(byte), dtype=torch.int16).index_add_(0, inverse, (1 << (items & 7)).short())
-        self.used_bits = torch.zeros(self.user_num * bytes_per_user, dtype=torch.uint8)
-        self.used_bits[byte] = values.to(torch.uint8)  # distinct bits of one byte: their sum is their OR
-        self.used_bits = self.used_bits.view(self.user_num, bytes_per_user)
+        small = self.user_num * ((self.item_num + 7) // 8) <= bitmap_max_bytes
+        structure = PackedBitmap if small else PairHashSet
+        self.used_pairs: PackedBitmap | PairHashSet = structure(self.used_ids, self.user_num, self.item_num)
 
     def get_used_ids(self) -> torch.Tensor:
         inter = self.datasets[0].inter_feat
-        users, targets = inter[self.uid_field].long(), inter[self.iid_field].long()
-        seqs = inter[self.item_seq_field].long()
-        seq_users = users.unsqueeze(1).expand_as(seqs)[seqs > 0]
-        keys = torch.cat([users * self.item_num + targets, seq_users * self.item_num + seqs[seqs > 0]])
-        keys = torch.unique(keys)
+        users, seqs = inter[self.uid_field].long(), inter[self.item_seq_field]
+        keys = torch.unique(users * self.item_num + inter[self.iid_field].long())
+        # sequence items that are no row's target (the first item of each history, or a given
+        # sequence's items), a chunk of rows at a time so the transient stays small
+        extra = []
+        rows = max(1, _KEY_CHUNK // max(1, seqs.shape[1]))
+        for start in range(0, len(seqs), rows):
+            seq = seqs[start:start + rows].long()
+            seq_keys = (users[start:start + rows].unsqueeze(1) * self.item_num + seq)[seq > 0]
+            extra.append(torch.unique(seq_keys[~in_sorted(keys, seq_keys)]))
+        keys = torch.unique(torch.cat([keys, *extra]))
         counts = torch.bincount(keys // self.item_num, minlength=self.user_num)
         full = (counts >= self.item_num - 1).nonzero().flatten()
         if len(full) > 0:
@@ -60,9 +76,8 @@ class CandidatePoolSampler(Sampler):
         return keys
 
     def _build_alias_table(self) -> None:
-        counts = torch.bincount(
-            torch.as_tensor(np.asarray(self._get_candidates_list()), dtype=torch.long), minlength=self.item_num
-        ).double()
+        items = torch.cat([dataset.inter_feat[self.iid_field].long() for dataset in self.datasets])
+        counts = torch.bincount(items, minlength=self.item_num).double()
         counts[0] = 0
         self.item_weights = counts.pow(self.alpha)
 
@@ -72,7 +87,7 @@ class CandidatePoolSampler(Sampler):
         return torch.randint(1, self.item_num, (size,), generator=self.generator)
 
     def _is_used(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return (self.used_bits[users, items >> 3] >> (items & 7)) & 1 == 1
+        return self.used_pairs.contains(users, items)
 
     def _complement(self, user: int) -> torch.Tensor:
         lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))
