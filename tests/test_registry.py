@@ -146,6 +146,13 @@ def test_registered_model_runs_by_name_with_its_defaults(twin, tiny_data, in_tmp
     assert result["test_result"]["ndcg@10"] >= 0
 
 
+def test_registered_model_loads_with_recbole_load_data_and_model(twin, tiny_data, in_tmp):
+    recbole_mdcns.run_recbole(twin, "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="uniform"))
+    saved = next((in_tmp / "saved").glob("SASRecTwin-*.pth"))
+    config, model, *_ = recbole.quick_start.load_data_and_model(str(saved))
+    assert type(model) is SASRecTwin and config["model"] == twin
+
+
 def test_registered_model_as_mdcns_peer_and_in_plain_recbole(twin, tiny_data, in_tmp):
     result = recbole_mdcns.run_recbole("GRU4Rec", "tiny", config_dict=tiny_config(
         tiny_data, in_tmp, neg_sampler="mdcns", candidate_num=5, mdcns_peer_model=twin))
