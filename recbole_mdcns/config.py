@@ -14,7 +14,7 @@ from recbole.utils import ModelType
 
 from recbole_mdcns.registry import get_sampler
 
-NEG_LOSSES = ("bpr", "bce")
+NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
 # CORE is CE-only, the CPR models exit when given BPR.
@@ -105,6 +105,10 @@ def validate(config: Config) -> None:
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
+    check_number(config, "neg_num", 1, integer=True)
+    if config["neg_num"] > config["candidate_num"]:
+        raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
+                         f"candidate_num items), got neg_num={config['neg_num']}, candidate_num={config['candidate_num']}")
     inter = os.path.join(config["data_path"], f"{config['dataset']}.inter")
     if not os.path.isfile(inter):
         raise ValueError(
