@@ -9,7 +9,8 @@ Default: SASRec on ml-100k, four variants --
   ``train_neg_sample_args: {distribution: uniform, sample_num: 1, dynamic: True,
   candidate_num: 10}``, BPR) on RecBole's own ``Trainer``.
 
-and, on request (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it trains:
+and, on request, the papers' baselines ``mixgcf-100``, ``dens-100``, ``ahns-100`` (``candidate_num: 100``),
+and (``--variants uniform,peer-uniform,mdcns``) MDCNS against the two models it trains:
 
 * ``peer-uniform``   -- the peer model (``--peer-model``, default GRU4Rec) with ``neg_sampler: uniform``;
 * ``mdcns``          -- ``neg_sampler: mdcns`` (``candidate_num: 100``), ``--model`` as self, the peer as peer.
@@ -65,6 +66,9 @@ VARIANTS = {
     "recbole-dns-10": {"neg_sampler": "recbole", "loss_type": "BPR", "train_neg_sample_args": RECBOLE_DNS},
     "peer-uniform": {"neg_sampler": "uniform"},
     "mdcns": {"neg_sampler": "mdcns", "candidate_num": 100},
+    "mixgcf-100": {"neg_sampler": "mixgcf", "candidate_num": 100},
+    "dens-100": {"neg_sampler": "dens", "candidate_num": 100},
+    "ahns-100": {"neg_sampler": "ahns", "candidate_num": 100},
 }
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]
 # (variant, reference, quantity, relation, bound): "variant / reference" for time, or

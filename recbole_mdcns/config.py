@@ -108,7 +108,8 @@ def validate(config: Config) -> None:
     check_number(config, "neg_num", 1, integer=True)
     if config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
-                         f"candidate_num items), got neg_num={config['neg_num']}, candidate_num={config['candidate_num']}")
+                         f"candidate_num items), got neg_num={config['neg_num']}, "
+                         f"candidate_num={config['candidate_num']}")
     inter = os.path.join(config["data_path"], f"{config['dataset']}.inter")
     if not os.path.isfile(inter):
         raise ValueError(

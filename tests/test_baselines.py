@@ -38,8 +38,8 @@ from conftest import tiny_config
 
 # =========================================================================== MixGCF: rules on hand-made scores
 def test_positive_mixing_is_the_score_of_the_mixed_embedding():
-    assert torch.allclose(positive_mixing(torch.tensor([2.0]), torch.tensor([[1.0, 3.0, -1.0]]), torch.tensor([[0.25]])),
-                          torch.tensor([[1.25, 2.75, -0.25]]))
+    scores = positive_mixing(torch.tensor([2.0]), torch.tensor([[1.0, 3.0, -1.0]]), torch.tensor([[0.25]]))
+    assert torch.allclose(scores, torch.tensor([[1.25, 2.75, -0.25]]))
     h, e_pos, e_c = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 3, 8)
     alpha = torch.rand(5, 3)
     mixed = alpha.unsqueeze(-1) * e_pos.unsqueeze(1) + (1 - alpha.unsqueeze(-1)) * e_c  # e' = a e+ + (1-a) e_c
@@ -250,7 +250,8 @@ def test_dens_run_resumes_exactly_and_its_recbole_checkpoint_loads_into_plain_sa
     (path,) = runs["first"].glob("saved/*-lightning/last.ckpt")
     resumed = run("resumed", 2, resume_from=str(path))
     after = _last_ckpt(runs["resumed"])
-    assert not torch.equal(_last_ckpt(runs["first"])["state_dict"]["gates.neg_gate.weight"], gates["gates.neg_gate.weight"])
+    first_gates = _last_ckpt(runs["first"])["state_dict"]["gates.neg_gate.weight"]
+    assert not torch.equal(first_gates, gates["gates.neg_gate.weight"])  # the gates trained in epoch 1
     for key, value in ckpt["state_dict"].items():  # resumed == uninterrupted: model and gates
         assert torch.allclose(value, after["state_dict"][key], atol=1e-6), key
     assert resumed["test_result"] == full["test_result"]

@@ -19,7 +19,8 @@ model's dot-product scores are unbounded, and for ``s(v+) + alpha <= 0`` the pow
 (non-integer ``p``) or flips sign. The base is floored at :data:`BASE_FLOOR`, the limit the rule tends to
 as ``s(v+) + alpha -> 0+``: the target grows without bound, so the row gets its hardest candidate -- C2
 continued to the poorest positives. The target is then clamped to the row's score range, which leaves
-the argmin unchanged and keeps an overflowing target from tying every candidate.
+the argmin unchanged and keeps an overflowing target from tying every candidate. A model whose
+scores sit below ``-alpha`` (TransRec's ``bias - distance``) thus trains as DNS: raise ``ahns_alpha``.
 
 ``neg_num: K``: the K candidates nearest the target (distinct; ``neg_num <= candidate_num``; the authors'
 code draws K separate pools instead). ``top_m`` is not read (must be 1). No state spans batches.
