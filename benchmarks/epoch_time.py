@@ -14,7 +14,8 @@ Default: SASRec on ml-100k, four variants --
 (``recbole-uniform``); targets ``uniform-all / uniform <= 0.1``, ``mdcns-all / recbole-uniform <= 0.2``,
 ``dns-100-all / uniform-all <= 1.3``, and DivNS's epoch-end refresh as a share of its epoch.
 
-And, on request (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it trains:
+On request, the papers' baselines ``mixgcf-100``, ``dens-100``, ``ahns-100`` (``candidate_num: 100``),
+and (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it trains:
 
 * ``peer-uniform``   -- the peer model (``--peer-model``, default GRU4Rec) with ``neg_sampler: uniform``;
 * ``mdcns``          -- ``neg_sampler: mdcns`` (``candidate_num: 100``), ``--model`` as self, the peer as peer.
@@ -77,6 +78,9 @@ VARIANTS = {
     "dns-100-all": {"neg_sampler": "dns", "candidate_num": 100, "train_positions": "all"},
     "mdcns-all": {"neg_sampler": "mdcns", "candidate_num": 100, "train_positions": "all"},
     "divns-all": {"neg_sampler": "divns", "train_positions": "all"},
+    "mixgcf-100": {"neg_sampler": "mixgcf", "candidate_num": 100},
+    "dens-100": {"neg_sampler": "dens", "candidate_num": 100},
+    "ahns-100": {"neg_sampler": "ahns", "candidate_num": 100},
 }
 FULL_SEQUENCE_VARIANTS = ["uniform", "recbole-uniform", "uniform-all", "dns-100-all", "mdcns-all", "divns-all"]
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]

@@ -16,7 +16,7 @@ from recbole.utils import ModelType
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
 from recbole_mdcns.registry import available_samplers, get_sampler
 
-NEG_LOSSES = ("bpr", "bce")
+NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
 # CORE is CE-only, the CPR models exit when given BPR.
@@ -121,6 +121,11 @@ def validate(config: Config) -> None:
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     _check_positions(config)
+    check_number(config, "neg_num", 1, integer=True)
+    if config["neg_num"] > config["candidate_num"]:
+        raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
+                         f"candidate_num items), got neg_num={config['neg_num']}, "
+                         f"candidate_num={config['candidate_num']}")
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):

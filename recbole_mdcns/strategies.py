@@ -1,6 +1,7 @@
 """Negative selection strategies: small, model-free units over ``[B, N]`` score tensors.
 
-Each strategy maps candidate scores to one pool index per row (``[B]`` long).
+Each strategy maps candidate scores to pool indices: one per row (``[B]`` long), or ``k`` per row
+(``[B, k]``, ``neg_num: k``).
 They never see the model, the data or the loop, so they compose and test alone.
 """
 from __future__ import annotations
@@ -32,6 +33,20 @@ class TopMNegative:
         top = scores.topk(m, dim=1).indices
         pick = uniform_pick(len(scores), m, generator, scores.device)
         return top.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+    def select_k(self, scores: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, k]``: ``k`` distinct candidates per row, drawn uniformly without replacement from its top-``m``
+        (``k == 1``: :meth:`select`; ``k == m``: the whole top-``m``)."""
+        m = min(self.m, scores.shape[1])
+        if k > m:
+            raise ValueError(f"cannot draw {k} distinct negatives from the top {m}")
+        if k == 1:
+            return self.select(scores, generator).unsqueeze(1)
+        top = scores.topk(m, dim=1).indices
+        if k == m:
+            return top
+        order = torch.rand(top.shape, generator=generator, device=scores.device).argsort(1)[:, :k]
+        return top.gather(1, order)
 
 
 class MultiViewTopMNegative:

@@ -109,7 +109,7 @@ def test_losses_match_reference_definitions():
     ("overrides", "message"),
     [
         ({"neg_sampler": "hardest"}, "neg_sampler must be one of"),
-        ({"neg_sampler": "dns", "neg_loss": "hinge"}, "neg_loss must be one of ['bpr', 'bce']"),
+        ({"neg_sampler": "dns", "neg_loss": "hinge"}, "neg_loss must be one of ['bpr', 'bce', 'softmax']"),
         ({"neg_sampler": "dns", "candidate_num": 5, "top_m": 6}, "top_m must be an integer in [1, 5]"),
         ({"neg_sampler": "dns", "candidate_num": 0}, "candidate_num must be an integer"),
         ({"neg_sampler": "dns", "loss_type": "CE"}, "loss_type must be 'BPR'"),

@@ -160,7 +160,7 @@ def test_which_models_qualify(tiny_kg_data, in_tmp, request):
         extra = dict(MODEL_CONFIG.get(name, {}))
         if name == "S3Rec":
             extra["pre_model_path"] = request.getfixturevalue("s3rec_pretrained")
-        config, train = _pieces(tiny_kg_data, in_tmp, name, candidate_num=4, **extra)
+        config, train = _pieces(tiny_kg_data, in_tmp, name, candidate_num=4, neg_num=4, **extra)
         model = get_model(name)(config, train._dataset)
         probe = train.probe_batch()
         items = torch.cat([probe["item_id"].unsqueeze(1), probe[CANDIDATES]], 1)
@@ -191,6 +191,16 @@ def test_samplers_train_all_positions_reproducibly(tiny_data, in_tmp, caplog, sa
         assert "train_positions GRU4Rec (peer): all positions" in caplog.text
     again = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=config)
     assert again["test_result"] == first["test_result"] and again["best_valid_score"] == first["best_valid_score"]
+
+
+@pytest.mark.parametrize("sampler, extra", [("uniform", {"neg_num": 2, "candidate_num": 2, "neg_loss": "softmax"}),
+                                            ("mixgcf", {"candidate_num": 5, "top_m": 2}),
+                                            ("dens", {"candidate_num": 5}), ("ahns", {"candidate_num": 5})])
+def test_baselines_train_all_positions(tiny_data, in_tmp, sampler, extra):
+    config = tiny_config(tiny_data, in_tmp, neg_sampler=sampler, **{**ALL, "epochs": 1}, **extra)
+    info = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=config)["train_info"]
+    assert info["train_positions"] == "all"
+    assert info["negative_history"][0]["negatives"] >= info["targets_per_epoch"]
 
 
 def test_resume_equals_uninterrupted(tiny_data, in_tmp):

@@ -3,8 +3,11 @@
 =================================  ===========================  ==============================
 ``neg_sampler``                    module                       paper
 =================================  ===========================  ==============================
-``uniform``, ``popularity``        :mod:`.dns`                  RNS / PNS (one pool item)
+``uniform``, ``popularity``        :mod:`.dns`                  RNS / PNS (the pool's draws)
 ``dns``                            :mod:`.dns`                  DNS (SIGIR'13), DNS(M, N)
+``mixgcf``                         :mod:`.mixgcf`               MixGCF / MixGCF+ (KDD'21)
+``dens``                           :mod:`.dens`                 DENS (WSDM'23)
+``ahns``                           :mod:`.ahns`                 AHNS (AAAI'24)
 ``divns``                          :mod:`.divns`                DivNS (arXiv 2508.14468)
 ``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
 =================================  ===========================  ==============================
@@ -12,4 +15,4 @@
 A new method is a new module here (its selection rule, its LightningModule, its config checks,
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
-from recbole_mdcns.methods import divns, dns, mdcns  # noqa: F401  (registration on import)
+from recbole_mdcns.methods import ahns, dens, divns, dns, mdcns, mixgcf  # noqa: F401  (registration on import)

@@ -341,6 +341,9 @@ class DivNSModule(DNSModule):
 
     @staticmethod
     def validate_config(config) -> None:
+        if config["neg_num"] != 1:
+            raise ValueError(f"neg_num must be 1 for neg_sampler=divns (each row trains on one synthetic negative: "
+                             f"DNS's top-1 mixed with a diverse item), got {config['neg_num']!r}")
         if config["top_m"] != 1:
             raise ValueError(f"top_m must be 1 for neg_sampler=divns (its hard negative is the top-1), "
                              f"got {config['top_m']!r}")

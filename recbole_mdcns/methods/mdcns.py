@@ -271,6 +271,9 @@ class MDCNSModule(NegativeSamplingModule):
     @staticmethod
     def validate_config(config) -> None:
         """``ValueError`` naming the key and its valid values for every MDCNS key."""
+        if config["neg_num"] != 1:
+            raise ValueError(f"neg_num must be 1 for neg_sampler=mdcns (each row trains on one negative per view -- "
+                             f"self, peer, teacher -- weighted by mdcns_alpha/beta/gamma), got {config['neg_num']!r}")
         _validate_peer(config)
         _validate_weights(config)
         _validate_teachers(config)

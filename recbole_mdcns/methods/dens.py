@@ -1,0 +1,172 @@
+"""``neg_sampler: dens`` -- Disentangled Negative Sampling (Lai et al., "Disentangled Negative Sampling for
+Collaborative Filtering", WSDM'23), for a representation ``h``.
+
+DENS splits item vectors into the factors relevant to the interaction and the rest, picks the
+candidate that differs from the positive in the relevant factors while resembling it in the others,
+and trains the split with four contrastive tasks. With ``h`` the row's representation (the user
+embedding in the paper, the sequence representation here) and ``e_v`` the item vectors the scorer
+scores (``s(v) = h . e_v``), following the paper and the authors' code (``Riwei-HEU/DENS``):
+
+* **hierarchical gating module** -- positive gate ``g_p = sigmoid(W_i e_p + W_u h)``, relevant factors
+  ``e_p^r = g_p * e_p``, irrelevant ``e_p^ir = e_p - e_p^r``; negative gate, conditioned on the
+  positive's relevant factors, ``g_n = sigmoid(W_n e_n + W_p e_p^r)``, ``e_n^r = g_n * e_n``,
+  ``e_n^ir = e_n - e_n^r`` (each ``W`` a ``d x d`` linear layer with bias: :class:`DisentangleGates`);
+* **factor-aware sampling** -- from the pool ``C``, ``n* = argmax_n h . ((1 - w) e_n - e_n^r)
+  = (1 - w) h . e_n^ir - w h . e_n^r``, the relevance weight ``w = min(1, epoch / dens_warmup)`` rising
+  from 0 to 1 over the warm-up (the authors' schedule; ``dens_warmup: 0`` is ``w = 1`` throughout):
+  :func:`factor_aware_scores`;
+* **contrastive tasks** -- ``L_dis`` = the mean of four BPR terms on factor scores ``s^r = h . e^r``,
+  ``s^ir = h . e^ir``: positive ``s_p^r > s_p^ir``, negative ``s_n^ir > s_n^r``, relevant
+  ``s_p^r > s_n^r``, irrelevant ``s_n^ir > s_p^ir`` (:func:`contrastive_loss`); the row's loss is
+  ``neg_loss(s(v+), s(n*)) + dens_gamma * L_dis``.
+
+**The gates' parameters** live in this LightningModule (``self.gates``), so the Lightning checkpoint
+holds them, and are a param group of the run's optimizer (like MDCNS's peer) with its learning rate;
+the self model's RecBole checkpoint (``saved/<Model>-<time>.pth``) holds only the model's
+``state_dict`` and loads into plain RecBole. ``dens_gamma: 0`` leaves the gates untrained (frozen at
+their initialisation, in no param group), as the DivNS reference code's DENS does.
+
+**Adaptations.** DENS needs item vectors scored linearly (``h . v(item)``, BERT4Rec's per-item bias
+aside, which the factor scores leave out): models scored otherwise (TransRec, the generic ``predict()``
+path) are an error. ``neg_num: K`` trains on the K highest factor-aware scores (distinct,
+``neg_num <= candidate_num``; the authors' code draws K separate pools); BPR's mean over rows and
+negatives replaces the authors' ``log(1 + sum_k exp(.))`` for K > 1 (equal for K = 1). ``top_m`` is not
+read (must be 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+
+from recbole_mdcns.config import packaged_yaml
+from recbole_mdcns.data import CANDIDATES
+from recbole_mdcns.lightning_module import NegativeSamplingModule
+from recbole_mdcns.methods.divns import synthesis_is_exact
+from recbole_mdcns.registry import register_sampler
+from recbole_mdcns.scoring import one_pass_scorer
+
+
+class DisentangleGates(torch.nn.Module):
+    """DENS's hierarchical gating module over ``d``-dimensional item vectors and representations."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.user_gate = torch.nn.Linear(dim, dim)
+        self.item_gate = torch.nn.Linear(dim, dim)
+        self.pos_gate = torch.nn.Linear(dim, dim)
+        self.neg_gate = torch.nn.Linear(dim, dim)
+
+    def positive(self, h: torch.Tensor, e_pos: torch.Tensor) -> torch.Tensor:
+        """Relevant factors of the positive, ``e_p^r = sigmoid(W_i e_p + W_u h) * e_p`` (``[R, d]``)."""
+        return e_pos * torch.sigmoid(self.item_gate(e_pos) + self.user_gate(h))
+
+    def negative(self, e_neg: torch.Tensor, pos_relevant: torch.Tensor) -> torch.Tensor:
+        """Relevant factors of negatives ``e_neg`` ``[R, K, d]``, ``e_n^r = sigmoid(W_n e_n + W_p e_p^r) * e_n``."""
+        return e_neg * torch.sigmoid(self.neg_gate(e_neg) + self.pos_gate(pos_relevant).unsqueeze(1))
+
+
+def relevance_weight(epoch: int, warmup: float) -> float:
+    """``w = min(1, epoch / warmup)`` (``warmup <= 0``: 1)."""
+    return 1.0 if warmup <= 0 else min(1.0, epoch / warmup)
+
+
+def _dot(h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``h . vectors`` over the last dim, ``h`` ``[R, d]`` against ``[R, d]`` or ``[R, K, d]``."""
+    return (h.unsqueeze(1) * vectors).sum(-1) if vectors.dim() == 3 else (h * vectors).sum(-1)
+
+
+def factor_aware_scores(h: torch.Tensor, e_neg: torch.Tensor, neg_relevant: torch.Tensor,
+                        weight: float) -> torch.Tensor:
+    """``[R, N]`` DENS selection scores ``h . ((1 - w) e_n - e_n^r)``; the negative is their argmax."""
+    return _dot(h, (1.0 - weight) * e_neg - neg_relevant)
+
+
+def _prefer(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
+    """BPR ``-log sigmoid(better - worse)``, mean over all entries; ``[R]`` broadcasts against ``[R, K]``."""
+    if better.dim() < worse.dim():
+        better = better.unsqueeze(1)
+    elif worse.dim() < better.dim():
+        worse = worse.unsqueeze(1)
+    return F.softplus(worse - better).mean()
+
+
+def contrastive_loss(h: torch.Tensor, e_pos: torch.Tensor, pos_relevant: torch.Tensor, e_neg: torch.Tensor,
+                     neg_relevant: torch.Tensor) -> torch.Tensor:
+    """DENS's four pairwise contrastive tasks, averaged (positive ``[R, d]``, negatives ``[R, K, d]``)."""
+    pos_r = _dot(h, pos_relevant)
+    pos_ir = _dot(h, e_pos) - pos_r
+    neg_r = _dot(h, neg_relevant)
+    neg_ir = _dot(h, e_neg) - neg_r
+    return (_prefer(pos_r, pos_ir) + _prefer(neg_ir, neg_r) + _prefer(pos_r, neg_r) + _prefer(neg_ir, pos_ir)) / 4
+
+
+def _item_vector_dim(model) -> int:
+    """Dimension of the vectors ``model``'s one-pass scorer scores; ``ValueError`` if it has none to gate."""
+    reason = ""
+    try:
+        probe = one_pass_scorer(model)(model)
+        if synthesis_is_exact(probe):
+            device = next(model.parameters()).device
+            return probe.item_vectors(model, torch.zeros(1, dtype=torch.long, device=device)).shape[-1]
+        reason = f"it is scored by {probe.path}"
+    except (TypeError, AttributeError) as error:
+        reason = str(error)
+    raise ValueError(f"neg_sampler=dens gates item vectors: it needs a model scored as h . v(item) (e.g. SASRec, "
+                     f"GRU4Rec, BERT4Rec, FPMC); {type(model).__name__} cannot be ({reason})")
+
+
+class DENSModule(NegativeSamplingModule):
+    """``neg_sampler: dens`` (see the module docstring)."""
+
+    def __init__(self, model, optimizer, config) -> None:
+        super().__init__(model, optimizer, config)
+        self.gates = DisentangleGates(_item_vector_dim(model)).to(next(model.parameters()).device)
+        self.gamma = float(config["dens_gamma"])
+        self.warmup = float(config["dens_warmup"])
+        self.neg_num = config["neg_num"]
+        if self.gamma:
+            optimizer.add_param_group({"params": list(self.gates.parameters())})
+        else:
+            self.gates.requires_grad_(False)
+
+    @staticmethod
+    def validate_config(config) -> None:
+        if config["top_m"] != 1:
+            raise ValueError(f"top_m must be 1 for neg_sampler=dens (its negative is the argmax of the "
+                             f"factor-aware score), got {config['top_m']!r}")
+        for key in ("dens_gamma", "dens_warmup"):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+
+    def training_loss(self, batch: Interaction) -> torch.Tensor:
+        model = self.model
+        candidates, positives = batch[CANDIDATES], batch[model.POS_ITEM_ID]
+        scorer = self.scorer_for("self", model, batch)
+        if not synthesis_is_exact(scorer):
+            raise ValueError(f"neg_sampler=dens needs a model scored as h . v(item); {type(model).__name__} "
+                             f"is scored by {scorer.path}")
+        h = scorer.encode(model, batch)
+        e_pos = scorer.item_vectors(model, positives)
+        with torch.no_grad():
+            e_pool = scorer.item_vectors(model, candidates)
+            pool_relevant = self.gates.negative(e_pool, self.gates.positive(h, e_pos))
+            weight = relevance_weight(self.current_epoch, self.warmup)
+            picked = factor_aware_scores(h, e_pool, pool_relevant, weight).topk(self.neg_num, dim=1).indices
+        negatives = candidates.gather(1, picked)
+        self.record_negatives(negatives)
+        scores = scorer.score(model, batch, h, torch.cat([positives.unsqueeze(1), negatives], 1))
+        loss = self.loss_fn(scores[:, 0], scores[:, 1:])
+        if not self.gamma:
+            return loss
+        e_neg = scorer.item_vectors(model, negatives)
+        pos_relevant = self.gates.positive(h, e_pos)
+        return loss + self.gamma * contrastive_loss(h, e_pos, pos_relevant, e_neg,
+                                                    self.gates.negative(e_neg, pos_relevant))
+
+
+register_sampler("dens", DENSModule, config_file=packaged_yaml("dens"))
