@@ -84,10 +84,10 @@ def check_number(config: Config, key: str, low: float, high: float = math.inf, i
     return value
 
 
-def validate(config: Config, user: dict | None = None) -> None:
-    """Check every sampler key, and every RecBole key the user set (``user``, see
-    :func:`recbole_mdcns.recbole_keys.user_settings`; default: the config's external settings);
-    raises ``ValueError`` naming the key and its valid values."""
+def validate(config: Config, user: dict) -> None:
+    """Check every sampler key, and every RecBole key the user set (``user``: their own settings,
+    :func:`recbole_mdcns.recbole_keys.user_settings`, without the packaged defaults the config also
+    holds); raises ``ValueError`` naming the key and its valid values."""
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ValueError(f"neg_sampler works with RecBole's sequential models; {config['model']} is not one")
     if config["model"] in NO_BPR_MODELS:
@@ -110,7 +110,7 @@ def validate(config: Config, user: dict | None = None) -> None:
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     _check_positions(config)
-    audit(config, config.external_config_dict if user is None else user)
+    audit(config, user)
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):

@@ -20,8 +20,9 @@ from recbole.config import Config
 DISTRIBUTED_KEYS = ("nproc", "world_size", "local_rank", "ip", "port", "offset")
 # The arguments of torch.nn.utils.clip_grad_norm_, which RecBole calls with ``**clip_grad_norm``.
 CLIP_ARGUMENTS = ("max_norm", "norm_type", "error_if_nonfinite", "foreach")
-# Keys a RecBole model reads only for terms of its own ``calculate_loss``, which the sampler's loss
-# (``neg_loss`` over the sampled negatives) replaces. TransRec's regulariser has no key.
+# Keys a RecBole model reads only for terms of its own ``calculate_loss`` (BERT4Rec: for the Cloze
+# samples of its ``mask_itemseq`` transform), which the sampler's loss (``neg_loss`` over the sampled
+# negatives) replaces. TransRec's regulariser has no key; HRM reads reg_weight and never uses it.
 LOSS_ONLY_KEYS = {
     "Caser": ("reg_weight",),
     "FOSSIL": ("reg_weight",),
@@ -31,7 +32,7 @@ LOSS_ONLY_KEYS = {
     "SHAN": ("reg_weight",),
     "SINE": ("reg_loss_ratio",),
     "FEARec": ("contrast", "lmd", "lmd_sem", "tau", "sim", "fredom", "fredom_type"),
-    "BERT4Rec": ("mask_ratio",),
+    "BERT4Rec": ("mask_ratio", "ft_ratio"),
 }
 # RecBole's autocast dtype per device (torch.autocast's default): float16 on CUDA, bfloat16 on CPU.
 AMP_PRECISION = {"cpu": "bf16-mixed", "gpu": "16-mixed"}
@@ -135,9 +136,9 @@ def _warn_loss_only_keys(config: Config, user: dict) -> None:
     for model in models:
         for key in LOSS_ONLY_KEYS.get(model, ()):
             if key in user:
-                _warn(f"{key} is not used: {model} reads it only for a term of its own calculate_loss, and "
-                      f"neg_sampler={config['neg_sampler']} trains on its own loss (neg_loss: {config['neg_loss']}) "
-                      "over the sampled negatives")
+                _warn(f"{key} is not used: it serves only {model}'s own training loss (RecBole's calculate_loss), "
+                      f"and neg_sampler={config['neg_sampler']} trains {model} on its loss over the sampled "
+                      f"negatives (neg_loss: {config['neg_loss']})")
 
 
 def _warn(message: str) -> None:

@@ -140,9 +140,9 @@ def test_model_loss_keys_are_warned_about_once(tiny_data, in_tmp, model, key):
         assert _key_warnings(record) == []
         _config(tiny_data, in_tmp, model=model, **{key: value})
     messages = _key_warnings(record)
-    assert len(messages) == 1 and messages[0].startswith(f"{key} is not used: {model} reads it only")
+    assert len(messages) == 1 and messages[0].startswith(f"{key} is not used: it serves only {model}'s own")
 
 
 def test_mdcns_peer_loss_keys_are_warned_about(tiny_data, in_tmp):
-    with pytest.warns(RecBoleKeyWarning, match="reg_weight is not used: Caser"):
+    with pytest.warns(RecBoleKeyWarning, match="reg_weight is not used: it serves only Caser's"):
         _config(tiny_data, in_tmp, neg_sampler="mdcns", mdcns_peer_model="Caser", reg_weight=0.1)
