@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import numpy
 import pandas
 import torch
+from recbole.config import Config
 
 from recbole_mdcns import safe_pickle
 
@@ -216,3 +217,6 @@ def apply() -> None:
     for name in ("recbole.quick_start", "recbole.quick_start.quick_start"):  # after the ray guard: imports ray.tune
         importlib.import_module(name).load_data_and_model = load_data_and_model
     importlib.import_module("recbole.trainer.hyper_tuning").np = _NumpyForHyperopt()
+    # RecBole's metrics use np.float etc., which RecBole only restores when a Config is built -- a process
+    # that only loads a checkpoint (load_data_and_model, then evaluate) would fail in NDCG without this.
+    Config.compatibility_settings(None)

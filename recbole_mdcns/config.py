@@ -4,16 +4,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
+from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
 from recbole_mdcns.registry import available_samplers, get_sampler
 
 NEG_LOSSES = ("bpr", "bce", "softmax")
@@ -38,20 +37,6 @@ def preset_yaml(name: str) -> str:
     return packaged_yaml(f"presets/{name}")
 
 
-def requested_sampler(config_file_list=None, config_dict=None) -> str:
-    """The ``neg_sampler`` the user asked for, by RecBole's priority: dict, command line, files."""
-    if config_dict and "neg_sampler" in config_dict:
-        return config_dict["neg_sampler"]
-    for arg in sys.argv[1:]:
-        if arg.startswith("--neg_sampler="):
-            return arg.split("=", 1)[1]
-    name = None
-    for path in config_file_list or []:
-        with open(path) as f:
-            name = (yaml.safe_load(f) or {}).get("neg_sampler", name)
-    return name
-
-
 def create_config(model=None, dataset=None, config_file_list=None, config_dict=None) -> Config:
     """RecBole's ``Config`` with the chosen sampler's defaults merged under the user's values.
 
@@ -59,7 +44,8 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
     own ``Config``, untouched.
     """
     files = list(config_file_list or [])
-    name = requested_sampler(files, config_dict)
+    user = user_settings(files, config_dict)
+    name = user.get("neg_sampler")
     if name in (None, "recbole", "None"):
         config = Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
         config["neg_sampler"] = "recbole"
@@ -69,10 +55,11 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
                              "own trainer, which trains prefix rows")
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
+    check_distributed_keys(user)  # before RecBole's Config, which would open its own process group
     defaults = [packaged_yaml("base"), *([sampler.config_file] if sampler.config_file else [])]
     config = Config(model=model, dataset=dataset, config_file_list=defaults + files, config_dict=config_dict)
-    validate(config)
     _resolve_device(config)
+    validate(config, user)
     return config
 
 
@@ -97,8 +84,10 @@ def check_number(config: Config, key: str, low: float, high: float = math.inf, i
     return value
 
 
-def validate(config: Config) -> None:
-    """Check every sampler key; raises ``ValueError`` naming the key and its valid values."""
+def validate(config: Config, user: dict) -> None:
+    """Check every sampler key, and every RecBole key the user set (``user``: their own settings,
+    :func:`recbole_mdcns.recbole_keys.user_settings`, without the packaged defaults the config also
+    holds); raises ``ValueError`` naming the key and its valid values."""
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ValueError(f"neg_sampler works with RecBole's sequential models; {config['model']} is not one")
     if config["model"] in NO_BPR_MODELS:
@@ -126,6 +115,7 @@ def validate(config: Config) -> None:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
                          f"candidate_num items), got neg_num={config['neg_num']}, "
                          f"candidate_num={config['candidate_num']}")
+    audit(config, user)
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):

@@ -73,6 +73,14 @@ class NegativeSamplingModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """RecBole's ``clip_grad_norm``, all of it (``norm_type`` too, which Lightning's own clipping lacks), over
+        the parameters the optimizer steps; the trainer passes its ``max_norm`` as ``gradient_clip_val``."""
+        if gradient_clip_val is None:
+            return
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, **dict(self.config["clip_grad_norm"] or {"max_norm": gradient_clip_val}))
+
     def transfer_batch_to_device(self, batch: Interaction, device: torch.device, dataloader_idx: int) -> Interaction:
         return batch.to(device)
 

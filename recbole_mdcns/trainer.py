@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections import OrderedDict
@@ -10,8 +11,10 @@ from time import time
 import pytorch_lightning as pl
 import recbole.trainer.trainer as recbole_trainer
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from recbole.evaluator import Collector
 from recbole.trainer import Trainer
 from recbole.utils import dict2str, early_stopping, set_color
 from torch.utils.data import DataLoader, DistributedSampler
@@ -206,13 +209,40 @@ class RecBoleEpochEnd(pl.Callback):
             self.rb.best_valid_result = OrderedDict(self.rb.best_valid_result)
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GatheringCollector(Collector):
+    """RecBole's ``Collector``; while :attr:`sharded`, each process holds the per-row results (top-k
+    positions, ranks, scores) of its contiguous block of RecBole's evaluation batches, and
+    :meth:`get_data_struct` concatenates every process's rows in process order -- RecBole's batch,
+    i.e. user, order -- so RecBole's evaluator computes the metrics of the whole set on every process."""
+
+    ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label")  # reset by RecBole per evaluation
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.sharded = False
+
+    def get_data_struct(self):
+        struct = super().get_data_struct()
+        if self.sharded:
+            parts: list[dict | None] = [None] * _world_size()
+            dist.all_gather_object(parts, {key: struct[key] for key in self.ROW_KEYS if key in struct})
+            for key in dict.fromkeys(key for part in parts for key in part):
+                struct[key] = torch.cat([part[key] for part in parts if key in part])
+        return struct
+
+
 class NegSamplingTrainer(Trainer):
     """RecBole's ``Trainer`` for ``neg_sampler`` runs: ``fit`` runs on Lightning,
-    ``evaluate`` is RecBole's full-sort evaluation of the (self) model."""
+    ``evaluate`` is RecBole's full-sort evaluation of the (self) model, sharded across DDP processes."""
 
     def __init__(self, config, model) -> None:
         with _writers_on_rank_zero():
             super().__init__(config, model)
+        self.eval_collector = GatheringCollector(config)
         self.saved_model_file = _unused_name(self.saved_model_file)
         self.lightning_dir = os.path.splitext(self.saved_model_file)[0] + "-lightning"
         self.lightning_trainer: pl.Trainer | None = None
@@ -258,6 +288,25 @@ class NegSamplingTrainer(Trainer):
         if lit.is_global_zero:
             self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's ``evaluate``. Under DDP (a process group with more processes than 1 and at least as many
+        batches as processes) each process scores a contiguous block of RecBole's own evaluation batches,
+        the per-user results are gathered in user order (no padding, no user twice) and RecBole's evaluator
+        runs on all of them in every process: the metrics equal one process's, and every process gets them
+        (validation, early stopping and MDCNS's peer / ensemble validation stay in step)."""
+        world = _world_size()
+        if world == 1 or not eval_data or len(eval_data) < world:
+            return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        batches, rank = list(eval_data.batch_sampler), dist.get_rank()
+        mine = batches[len(batches) * rank // world:len(batches) * (rank + 1) // world]
+        shard = copy.copy(eval_data)  # RecBole's loader over this process's batches only
+        object.__setattr__(shard, "batch_sampler", mine)  # DataLoader refuses a plain assignment after __init__
+        self.eval_collector.sharded = True
+        try:
+            return super().evaluate(shard, load_best_model, model_file, show_progress)
+        finally:
+            self.eval_collector.sharded = False
 
     def train_info(self, train_data) -> dict:
         """What a run cost and what it trained on, beyond RecBole's result dict (for benchmarks)."""
