@@ -574,6 +574,20 @@ def test_sequence_variants_train_all_positions(tiny_data, tmp_path, in_tmp, capl
     assert run("resumed", 3, resume_from=str(path))["test_result"] == full["test_result"]
 
 
+def test_rows_bound_saves_memory_not_results(tiny_data, tmp_path, in_tmp):
+    """A user inserts at most r n_u runner-ups and n_u hard negatives an epoch, so at one cap the bounds that
+    follow the rows hold what the fixed ones hold: same training, smaller caches."""
+    def run(name, bound):
+        result = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=tiny_config(
+            tiny_data, tmp_path / name, neg_sampler="divns", epochs=2, divns_cache_bound=bound, divns_cache_size=16))
+        return result, _last_ckpt(tmp_path / name)["divns"]
+
+    (fixed, fixed_state), (rows, rows_state) = run("fixed", "fixed"), run("rows", "rows")
+    assert rows["test_result"] == fixed["test_result"]
+    assert torch.equal(rows_state["diverse"]["ids"], fixed_state["diverse"]["ids"])
+    assert rows_state["cache"]["data"].numel() < fixed_state["cache"]["data"].numel()
+
+
 def test_fpmc_generic_path_run(tiny_data, tmp_path, in_tmp, monkeypatch, caplog):
     monkeypatch.delitem(scoring.MODEL_SCORERS, "FPMC")  # force the generic predict() path
     caplog.set_level(logging.INFO)
