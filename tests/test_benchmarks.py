@@ -120,3 +120,18 @@ def test_epoch_time_mdcns_target_is_against_per_round_sum_of_both_models():
     assert abs(target["ratio"] - 17 / 14) < 1e-12 and not target["met"]
     assert "NOT MET: mdcns time / (uniform + peer-uniform) time = 1.21x" in epoch_time.render(
         epoch_time.summarize(times, {}), times, {})
+
+
+def test_parallel_runs_each_cell_once(tmp_path, monkeypatch):
+    """``benchmarks.parallel``: the unfinished cells as concurrent processes, one record each; a rerun has nothing left."""
+    from benchmarks import parallel
+
+    monkeypatch.chdir(tmp_path)
+    grid = _grid(tmp_path)
+    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--seeds", "2020"]
+    status = parallel.main(common + ["--jobs", "2", "--in-process"])
+    assert len(status) == 2 and set(status.values()) == {0}
+    records = run.read_results(tmp_path / "results" / "smoke.jsonl")
+    assert sorted(r["cell"]["sampler"] for r in records) == ["dns-10", "uniform"]
+    assert all(r["status"] == "ok" for r in records)
+    assert parallel.main(common) == {}  # every cell done
