@@ -84,7 +84,7 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
     assert len(table) == 4 and "± " in table[0]  # metrics and diversity rows, mean ± std over two seeds
     assert "Negatives trained on (SASRec on tiny):" in text and "| mean pairwise cosine distance |" in text
     if HAVE_MATPLOTLIB:
-        for name in ("smoke_ndcg10.png", "smoke_ndcg10_vs_time.png"):
+        for name in ("smoke_tiny_ndcg10.png", "smoke_tiny_ndcg10_vs_time.png"):
             png = tmp_path / "plots" / name
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"](plots/{name})" in text
