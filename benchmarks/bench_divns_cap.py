@@ -72,7 +72,8 @@ def main() -> None:
     gamma = args.gamma if args.gamma == "median" else float(args.gamma)
     generator = torch.Generator().manual_seed(0)
     emb = torch.randn(n_items, args.dim, generator=generator) * 0.1
-    print(f"{args.dataset}: {users} users with training rows, {int(rows.sum())} rows (median {int(rows[rows > 0].median())}"
+    median = int(rows[rows > 0].median())
+    print(f"{args.dataset}: {users} users with training rows, {int(rows.sum())} rows (median {median}"
           f" per user), {n_items - 1} items; r={args.ratio}, {args.kernel} gamma={args.gamma}, exact k-DPP, "
           f"{args.threads} thread(s)")
     print("| cap | hard cap | users at the cap | mean m | mean k | refresh s (median) | ms / user | "

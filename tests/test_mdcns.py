@@ -285,7 +285,8 @@ def test_authors_preset(tiny_data, tmp_path):
     config = create_config("SASRec", "tiny", config_file_list=[preset_yaml("mdcns_authors")],
                            config_dict={**run, "mdcns_gamma": 0.3, "mdcns_tau": 5.0})  # LastFM's published pick
     assert config["neg_sampler"] == "mdcns" and config["neg_loss"] == "bce" and config["train_batch_size"] == 1024
-    assert (config["mdcns_kl_reduction"], config["mdcns_mu"], config["mdcns_teacher_agg"]) == ("batch_sum", 0.01, "mean")
+    assert (config["mdcns_kl_reduction"], config["mdcns_mu"], config["mdcns_teacher_agg"]) == (
+        "batch_sum", 0.01, "mean")
     assert (config["mdcns_gamma"], config["mdcns_tau"], config["mdcns_alpha"], config["mdcns_beta"]) == (0.3, 5.0, 1, 1)
     assert (config["hidden_dropout_prob"], config["attn_dropout_prob"], config["n_layers"], config["n_heads"]) == (
         0.5, 0.5, 2, 2)
@@ -297,7 +298,8 @@ def test_authors_preset(tiny_data, tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         result = recbole_mdcns.run_recbole("SASRec", "tiny", config_file_list=[preset_yaml("mdcns_authors")],
-                                           config_dict={**run, "epochs": 1, "candidate_num": 20, "MAX_ITEM_LIST_LENGTH": 8})
+                                           config_dict={**run, "epochs": 1, "candidate_num": 20,
+                                                        "MAX_ITEM_LIST_LENGTH": 8})
     assert 0.0 <= result["best_valid_result"]["ndcg@20"] <= 1.0
     assert result["train_info"]["extra_valid_results"][0]["peer"]["ndcg@20"] >= 0.0
 
