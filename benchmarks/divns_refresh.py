@@ -7,6 +7,8 @@ fill the caches the same way) without validation, and prints one line per epoch 
 the ratio of the last epoch. Run from the repo root:
 
     python benchmarks/divns_refresh.py [--max_len 20] [--epochs 2] [--device cpu] [--threads 0]
+    python benchmarks/divns_refresh.py --max_len 50 --batch 1024 --train_positions all --cache_bound rows \
+        --cache_size 128 --gamma median --threads 1
 """
 import argparse
 import logging
@@ -43,9 +45,13 @@ def main() -> None:
     parser.add_argument("--mode", default="exact")
     parser.add_argument("--cache_ratio", type=int, default=2)
     parser.add_argument("--cache_size", type=int, default=64)
+    parser.add_argument("--cache_bound", default="fixed", help="divns_cache_bound: fixed | rows")
+    parser.add_argument("--gamma", default="1.0", help="divns_gamma: a number or median")
+    parser.add_argument("--train_positions", default="last", help="last | all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.data_path = os.path.abspath(args.data_path)  # before moving into the scratch folder
     workdir = tempfile.mkdtemp(prefix="divns_refresh_")
     cwd = os.getcwd()
     os.chdir(workdir)  # RecBole writes log/ and log_tensorboard/ into the cwd
@@ -76,6 +82,9 @@ def run(args, workdir: str) -> None:
         "divns_dpp_mode": args.mode,
         "divns_cache_ratio": args.cache_ratio,
         "divns_cache_size": args.cache_size,
+        "divns_cache_bound": args.cache_bound,
+        "divns_gamma": args.gamma if args.gamma == "median" else float(args.gamma),
+        "train_positions": args.train_positions,
     }
     config = create_config("SASRec", args.dataset, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
@@ -98,8 +107,9 @@ def run(args, workdir: str) -> None:
     last = module.negative_history[-1]
     device = torch.cuda.get_device_name() if args.device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
     print(f"divns refresh / epoch on {args.dataset} (SASRec, L={args.max_len}, batch {args.batch}, "
-          f"n={config['candidate_num']}, r={args.cache_ratio}, cache {args.cache_size}, {args.kernel}, "
-          f"{args.mode}; {len(train_data.dataset)} rows, {dataset.user_num - 1} users; {device}): "
+          f"{args.train_positions} positions, n={config['candidate_num']}, r={args.cache_ratio}, cache {args.cache_size} "
+          f"({args.cache_bound}), {args.kernel} gamma {args.gamma}, {args.mode}; {len(train_data.dataset)} rows, "
+          f"{dataset.user_num - 1} users; {device}): "
           f"epoch {last['epoch']} train {train[last['epoch']]:.2f}s, refresh {last['refresh_seconds']:.3f}s "
           f"-> {last['refresh_seconds'] / train[last['epoch']]:.1%} (target <= 10%); fit {total:.1f}s")
 

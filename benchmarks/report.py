@@ -20,7 +20,7 @@ import glob
 import math
 import os
 import statistics
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, command_line
@@ -178,15 +178,64 @@ def render_diversity(rows: list[Row]) -> list[str]:
 def _save(fig, title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def _bar_panel(ax, rows: list[Row], title: str) -> None:
+    """Horizontal bars, one per sampler (top to bottom in table order), mean ± std over seeds,
+    each labelled with its value and seed count; the best baseline's mean as a dashed line."""
+    stats = [row.metric(PLOT_METRIC) for row in rows]
+    means = [s[0] or 0.0 for s in stats]
+    errs = [s[1] or 0.0 for s in stats]
+    y = list(range(len(rows)))
+    colors = ["tab:gray" if row.role == "baseline" else "tab:red" for row in rows]
+    ax.barh(y, means, xerr=errs, capsize=3, color=colors, height=0.7, error_kw={"elinewidth": 1})
+    ax.set_yticks(y, [row.label for row in rows], fontsize=9)
+    ax.invert_yaxis()
+    right = max((m + e for m, e in zip(means, errs)), default=0.0) or 1.0
+    for i, ((mean, std, n), m, e) in enumerate(zip(stats, means, errs)):
+        if mean is not None:
+            ax.text(m + e + 0.01 * right, i, f"{mean:.4f}" + (f" ± {std:.4f}" if n > 1 else "") + f"  (n={n})",
+                    va="center", fontsize=8)
+    best = max((s[0] for s, row in zip(stats, rows) if row.role == "baseline" and s[0] is not None), default=None)
+    if best is not None:
+        ax.axvline(best, color="tab:gray", linestyle="--", linewidth=1)
+    ax.set_xlim(0, right * 1.65)
+    ax.set_xlabel(f"test {PLOT_METRIC.upper()} (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _time_panel(ax, rows: list[Row], title: str) -> None:
+    """NDCG@10 against training seconds per epoch, mean ± std over seeds; points numbered, named in the legend."""
+    for i, row in enumerate(rows, 1):
+        y, yerr, _ = row.metric(PLOT_METRIC)
+        x, xerr, _ = row.field("seconds_per_epoch")
+        if x is None or y is None:
+            continue
+        baseline = row.role == "baseline"
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o" if baseline else "s", capsize=2, markersize=4,
+                    color="tab:gray" if baseline else "tab:red", elinewidth=0.8, label=f"{i}  {row.label}")
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds per epoch (log scale)")
+    ax.set_ylabel(f"test {PLOT_METRIC.upper()}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, handlelength=1.2)
+
+
 def plots(all_tables, out_dir: Path) -> list[Path]:
-    """Per preset: NDCG@10 per sampler with error bars, and NDCG@10 against seconds per epoch."""
+    """Per (preset, dataset): NDCG@10 per sampler with error bars (one facet per model), and NDCG@10
+    against seconds per epoch. Files ``<preset>_<dataset>_ndcg10.png`` and ``..._ndcg10_vs_time.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,41 +243,23 @@ def plots(all_tables, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    by_preset = defaultdict(list)
+    figures = OrderedDict()
     for (preset, model, dataset), rows in all_tables.items():
-        by_preset[preset].append((f"{model} / {dataset}", rows))
-    for preset, panels in by_preset.items():
+        figures.setdefault((preset, dataset), []).append((model, rows))
+    for (preset, dataset), panels in figures.items():
         n = len(panels)
-        fig, axes = plt.subplots(1, n, figsize=(max(4.5, 1.1 * max(len(r) for _, r in panels) + 1.5) * n, 4),
-                                 squeeze=False)
-        for ax, (title, rows) in zip(axes[0], panels):
-            stats = [row.metric(PLOT_METRIC) for row in rows]
-            means = [s[0] or 0 for s in stats]
-            errs = [s[1] or 0 for s in stats]
-            colors = ["tab:gray" if row.role == "baseline" else "tab:red" for row in rows]
-            ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
-            ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right")
-            ax.set_ylabel(f"test {PLOT_METRIC.upper()} (mean ± std over seeds)")
-            ax.set_title(title)
-        written.append(_save(fig, f"preset {preset}: {PLOT_METRIC.upper()} per sampler (grey: baselines)",
-                             out_dir / f"{preset}_ndcg10.png"))
-
-        fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
-        for ax, (title, rows) in zip(axes[0], panels):
-            for row in rows:
-                y, yerr, _ = row.metric(PLOT_METRIC)
-                x, xerr, _ = row.field("seconds_per_epoch")
-                if x is None or y is None:
-                    continue
-                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o" if row.role == "baseline" else "s", capsize=3,
-                            color="tab:gray" if row.role == "baseline" else "tab:red")
-                ax.annotate(row.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-            ax.set_xlabel("training seconds per epoch")
-            ax.set_ylabel(f"test {PLOT_METRIC.upper()}")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-        written.append(_save(fig, f"preset {preset}: {PLOT_METRIC.upper()} against time per epoch",
-                             out_dir / f"{preset}_ndcg10_vs_time.png"))
+        tallest = max(len(rows) for _, rows in panels)
+        name = f"{_slug(str(preset))}_{_slug(str(dataset))}_ndcg10"
+        fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 1.2 + 0.32 * tallest), squeeze=False)
+        for ax, (model, rows) in zip(axes[0], panels):
+            _bar_panel(ax, rows, model)
+        written.append(_save(fig, f"{dataset} (preset {preset}): test {PLOT_METRIC.upper()} per sampler "
+                                  f"(grey: baselines, red: proposed; dashed: best baseline)", out_dir / f"{name}.png"))
+        fig, axes = plt.subplots(1, n, figsize=(9 * n, max(4.5, 1.5 + 0.18 * tallest)), squeeze=False)
+        for ax, (model, rows) in zip(axes[0], panels):
+            _time_panel(ax, rows, model)
+        written.append(_save(fig, f"{dataset} (preset {preset}): {PLOT_METRIC.upper()} against time per epoch",
+                             out_dir / f"{name}_vs_time.png"))
     return written
 
 

@@ -84,7 +84,7 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
     assert len(table) == 4 and "± " in table[0]  # metrics and diversity rows, mean ± std over two seeds
     assert "Negatives trained on (SASRec on tiny):" in text and "| mean pairwise cosine distance |" in text
     if HAVE_MATPLOTLIB:
-        for name in ("smoke_ndcg10.png", "smoke_ndcg10_vs_time.png"):
+        for name in ("smoke_tiny_ndcg10.png", "smoke_tiny_ndcg10_vs_time.png"):
             png = tmp_path / "plots" / name
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"](plots/{name})" in text
@@ -120,3 +120,18 @@ def test_epoch_time_mdcns_target_is_against_per_round_sum_of_both_models():
     assert abs(target["ratio"] - 17 / 14) < 1e-12 and not target["met"]
     assert "NOT MET: mdcns time / (uniform + peer-uniform) time = 1.21x" in epoch_time.render(
         epoch_time.summarize(times, {}), times, {})
+
+
+def test_parallel_runs_each_cell_once(tmp_path, monkeypatch):
+    """``benchmarks.parallel``: the unfinished cells as concurrent processes, one record each; a rerun has nothing left."""
+    from benchmarks import parallel
+
+    monkeypatch.chdir(tmp_path)
+    grid = _grid(tmp_path)
+    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--seeds", "2020"]
+    status = parallel.main(common + ["--jobs", "2", "--in-process"])
+    assert len(status) == 2 and set(status.values()) == {0}
+    records = run.read_results(tmp_path / "results" / "smoke.jsonl")
+    assert sorted(r["cell"]["sampler"] for r in records) == ["dns-10", "uniform"]
+    assert all(r["status"] == "ok" for r in records)
+    assert parallel.main(common) == {}  # every cell done

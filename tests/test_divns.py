@@ -1,6 +1,8 @@
 """Tests for neg_sampler=divns: tensor units, the module's training step, checkpoints, runs."""
 from __future__ import annotations
 
+import collections
+import copy
 import logging
 import math
 import os
@@ -20,11 +22,15 @@ from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.methods.divns import (
     Q_DENOMINATOR_FLOOR,
+    DiverseSets,
     DivNSModule,
     RunnerUpCache,
     compact_unique,
     diversity_kernel,
+    distinct_slots,
     hard_and_runner_ups,
+    median_bandwidth,
+    pick_slots,
     synthesis_is_exact,
     refresh_diverse_sets,
     synthesize_scores,
@@ -64,8 +70,8 @@ def test_cache_merge_is_union_deduplicated_and_bounded():
     a, b = RunnerUpCache(3, n_users=2), RunnerUpCache(3, n_users=2)
     a.add(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 9]))
     b.add(torch.tensor([0, 0, 0]), torch.tensor([2, 3, 4]))
-    merged = RunnerUpCache(3)
-    merged.merge(torch.stack([a.items, b.items]), torch.stack([a.count, b.count]))
+    merged = RunnerUpCache(3, n_users=2)  # the ranks' layout
+    merged.merge(torch.stack([a.data, b.data]), torch.stack([a.count, b.count]))
     assert merged.size.tolist() == [3, 1]
     assert set(merged.items[0].tolist()) <= {1, 2, 3, 4} and len(set(merged.items[0].tolist())) == 3
     assert merged.items[1].tolist() == [9, 0, 0]
@@ -142,13 +148,15 @@ def test_refresh_k_is_min_of_hard_cache_and_rank():
     hard_size = torch.tensor([3, 1, 3, 0])
     for kernel, expected in (("cosine", [2, 1, 2, 0]), ("rbf", [3, 1, 2, 0])):
         for mode in ("exact", "greedy"):
-            diverse, size = refresh_diverse_sets(emb, cache, cache_size, hard, hard_size, kernel=kernel, mode=mode,
-                                                 generator=torch.Generator().manual_seed(3), chunk=2)
-            assert size.tolist() == expected, (kernel, mode)
+            sets = refresh_diverse_sets(emb, cache, cache_size, hard, hard_size, kernel=kernel, mode=mode,
+                                        generator=torch.Generator().manual_seed(3), chunk=2)
+            assert sets.size.tolist() == expected, (kernel, mode)
+            assert len(sets.ids) == sum(expected)  # ragged: the sets take what they hold
+            diverse, valid = sets.rows(torch.arange(4))
             for u in range(4):
-                ids = diverse[u, : int(size[u])].tolist()
-                assert len(set(ids)) == len(ids) and set(ids) <= set(cache[u, : int(cache_size[u])].tolist())
-                assert not diverse[u, int(size[u]):].any()
+                ids = diverse[u, valid[u]].tolist()
+                assert len(set(ids)) == len(ids) == expected[u]
+                assert set(ids) <= set(cache[u, : int(cache_size[u])].tolist())
 
 
 def test_refresh_never_picks_two_identical_items():
@@ -157,11 +165,88 @@ def test_refresh_never_picks_two_identical_items():
     users = 400
     cache = torch.tensor([[1, 2, 3, 4]]).expand(users, 4)
     hard = torch.tensor([[3, 4]]).expand(users, 2)
-    diverse, size = refresh_diverse_sets(emb, cache, torch.full((users,), 4), hard, torch.full((users,), 2),
-                                         kernel="rbf", generator=torch.Generator().manual_seed(0))
-    assert (size == 2).all()
-    pairs = {tuple(sorted(row[:2])) for row in diverse.tolist()}
+    sets = refresh_diverse_sets(emb, cache, torch.full((users,), 4), hard, torch.full((users,), 2),
+                                kernel="rbf", generator=torch.Generator().manual_seed(0))
+    assert (sets.size == 2).all()
+    pairs = {tuple(sorted(row)) for row in sets.ids.view(users, 2).tolist()}
     assert (1, 2) not in pairs and len(pairs) >= 3  # random, yet never the duplicate pair
+
+
+# --------------------------------------------------------------------------- on sequences: tensor units
+
+
+def test_cache_with_per_user_bounds_is_ragged():
+    cache = RunnerUpCache(6, n_users=3)
+    cache.add(torch.tensor([0, 1, 1]), torch.tensor([4, 5, 6]))
+    cache.set_capacities(torch.tensor([1, 6, 2]))  # held ids survive up to the new bounds
+    assert cache.data.numel() == 9 and cache.offset.tolist() == [0, 1, 7]  # memory: the sum of the bounds
+    assert _row_set(cache, 0) == [4] and _row_set(cache, 1) == [5, 6]
+    cache.add(torch.tensor([2, 2, 2, 0, 1]), torch.tensor([7, 8, 9, 3, 5]))  # user 2: 3 ids, bound 2: ring
+    assert cache.size.tolist() == [1, 2, 2] and cache.count.tolist() == [2, 2, 3]
+    assert set(_row_set(cache, 2)) <= {7, 8, 9} and _row_set(cache, 0) == [3]  # bound 1: the newest id
+    assert cache.items.shape == (3, 6) and cache.rows(torch.tensor([2]), 3)[0, 2] == 0
+    other = RunnerUpCache(6, n_users=3)
+    other.set_capacities(torch.tensor([1, 6, 2]))
+    other.add(torch.tensor([1, 1]), torch.tensor([6, 11]))
+    merged = RunnerUpCache(6, n_users=3)
+    merged.set_capacities(torch.tensor([1, 6, 2]))
+    merged.merge(torch.stack([cache.data, other.data]), torch.stack([cache.count, other.count]))
+    assert _row_set(merged, 1) == [5, 6, 11] and merged.size.tolist() == [1, 3, 2]
+    restored = RunnerUpCache(6)
+    restored.load_state_dict(merged.state_dict())
+    assert torch.equal(restored.data, merged.data) and torch.equal(restored.cap, merged.cap)
+    smaller = RunnerUpCache(2)  # resumed with a lower bound: re-compacted to it
+    smaller.load_state_dict(merged.state_dict())
+    assert smaller.cap.tolist() == [1, 2, 2] and smaller.size.tolist() == [1, 2, 2]
+    with pytest.raises(ValueError, match="bounds"):
+        cache.set_capacities(torch.tensor([0, 1, 7]))
+
+
+def test_median_bandwidth_fixes_the_kernel_scale():
+    g = torch.Generator().manual_seed(4)
+    emb, hard = torch.randn(7, 5, generator=g), torch.randn(2, 5, generator=g)
+    L = diversity_kernel(emb, hard, "rbf", "median", alpha=0.0)  # alpha 0: q = 1, L = S
+    off = L[torch.ones(7, 7, dtype=torch.bool).triu(1)]
+    assert off.median().item() == pytest.approx(math.exp(-1))  # the median pair sits at exp(-1)
+    scaled = diversity_kernel(emb * 0.05, hard, "rbf", "median")
+    assert torch.allclose(scaled, diversity_kernel(emb, hard, "rbf", "median"))  # whatever the scale
+    assert diversity_kernel(emb * 0.05, hard, "rbf", 1.0, alpha=0.0).min() > 0.9  # gamma 1 on small vectors: flat
+    d2 = torch.zeros(1, 3, 3, dtype=torch.float64)
+    assert median_bandwidth(d2, torch.ones(1, 3, dtype=torch.bool)).item() == 1.0  # no pair at distance > 0
+    mask = torch.tensor([[True, True, False, False, False, False, False]])
+    batched = diversity_kernel(emb.unsqueeze(0), hard.unsqueeze(0), "rbf", "median", 0.0, mask)
+    assert batched[0, 0, 1].item() == pytest.approx(math.exp(-1))  # one valid pair: its own median
+
+
+def test_pick_slots_top_score_and_uniform():
+    valid = torch.tensor([[True, True, True, False]] * 6000)
+    scores = torch.tensor([[0.0, math.log(3.0), 0.5, 100.0]]).expand(6000, 4)
+    users = torch.arange(6000)
+    assert (pick_slots(users, valid, scores, "top") == 1).all()  # the padded slot's score is ignored
+    torch.manual_seed(0)
+    counts = torch.bincount(pick_slots(users, valid, scores, "score"), minlength=4).float() / 6000
+    expected = torch.softmax(torch.tensor([0.0, math.log(3.0), 0.5]), 0)
+    assert torch.allclose(counts[:3], expected, atol=0.02) and counts[3] == 0
+    counts = torch.bincount(pick_slots(users, valid, None, "uniform"), minlength=4).float() / 6000
+    assert torch.allclose(counts[:3], torch.full((3,), 1 / 3), atol=0.02) and counts[3] == 0
+    with pytest.raises(ValueError, match="divns_diverse_pick"):
+        pick_slots(users, valid, scores, "best")
+
+
+def test_distinct_slots_pair_a_users_rows_one_to_one():
+    users = torch.tensor([5, 7, 5, 5, 7, 9])
+    inf = float("-inf")
+    preference = torch.tensor([[3.0, 2.0, inf], [1.0, 2.0, 3.0], [3.0, 2.0, inf], [3.0, 2.0, inf],
+                               [1.0, 2.0, 3.0], [inf, inf, inf]])
+    slot = distinct_slots(users, preference)
+    assert slot[[0, 2]].tolist() == [0, 1]   # user 5: best, then the next best
+    assert slot[3] == 0                       # both of its items taken: it starts again
+    assert slot[[1, 4]].tolist() == [2, 1]   # user 7
+    assert slot[5] == 0                       # no item: the caller marks the row as without one
+    assert (pick_slots(users, preference.isfinite(), preference, "top", "independent")[[0, 2, 3]] == 0).all()
+    ranked = pick_slots(torch.zeros(50, dtype=torch.long), torch.ones(50, 50, dtype=torch.bool), None, "uniform",
+                        "distinct")
+    assert sorted(ranked.tolist()) == list(range(50))  # 50 rows of one user, 50 items: a permutation
 
 
 # --------------------------------------------------------------------------- synthesis and statistics
@@ -217,12 +302,13 @@ def fpmc(tiny_data, tmp_path_factory):
     return _setup("FPMC", tiny_data, tmp_path_factory.mktemp("fpmc"))
 
 
-def _one_diverse_item_per_user(module, batch, offset=1):
-    """Give every user a diverse set of one known item (not its row's candidates' top-1)."""
+def _one_diverse_item_per_user(module, batch, offset=1, size=None):
+    """Give every user a diverse set of one known item (not its row's candidates' top-1); returns the ids."""
     n_users = int(batch[module.model.USER_ID].max()) + 1
-    module.diverse = torch.zeros(n_users, module.cache.capacity, dtype=torch.long)
-    module.diverse[:, 0] = (torch.arange(n_users) * 7 + offset) % (module.model.n_items - 1) + 1
-    module.diverse_size = torch.ones(n_users, dtype=torch.long)
+    ids = (torch.arange(n_users) * 7 + offset) % (module.model.n_items - 1) + 1
+    size = torch.ones(n_users, dtype=torch.long) if size is None else size
+    module.diverse = DiverseSets.from_dense(ids.unsqueeze(1), size)
+    return ids
 
 
 def test_epoch0_is_dns_and_records_ids(sasrec):
@@ -252,16 +338,17 @@ def test_synthesis_is_exact_for_dot_scorer(sasrec, neg_loss):
     model.eval()
     module = DivNSModule(model, optimizer, config)
     module.loss_fn = LOSSES[neg_loss]
-    _one_diverse_item_per_user(module, batch)
     users = batch[model.USER_ID]
-    module.diverse_size[users[0]] = 0  # this user's rows fall back to DNS
+    size = torch.ones(int(users.max()) + 1, dtype=torch.long)
+    size[users[0]] = 0  # this user's rows fall back to DNS
+    diverse_ids = _one_diverse_item_per_user(module, batch, size=size)
     loss = module.training_loss(batch)
     with torch.no_grad():
         h = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
         candidates = batch[CANDIDATES]
         hard = candidates.gather(1, torch.einsum("bd,bkd->bk", h, model.item_embedding(candidates)).argmax(1, True))
         e_hard = model.item_embedding(hard.squeeze(1))
-        e_div = model.item_embedding(module.diverse[users, 0])
+        e_div = model.item_embedding(diverse_ids[users])
         has = users != users[0]
         lam = config["divns_lambda"]
         e_syn = torch.where(has.unsqueeze(1), lam * e_hard + (1 - lam) * e_div, e_hard)
@@ -271,7 +358,7 @@ def test_synthesis_is_exact_for_dot_scorer(sasrec, neg_loss):
     assert module.synthetic_rows == int(has.sum()) > 0
     loss.backward()  # gradients reach the diverse items' embeddings
     grad = model.item_embedding.weight.grad
-    assert grad[module.diverse[users[has], 0]].abs().sum() > 0
+    assert grad[diverse_ids[users[has]]].abs().sum() > 0
     model.zero_grad()
 
 
@@ -289,7 +376,7 @@ def test_generic_path_uses_documented_score_mix(fpmc, monkeypatch):
     config, model, optimizer, batch, _ = fpmc
     model.eval()
     module = DivNSModule(model, optimizer, config)
-    _one_diverse_item_per_user(module, batch, offset=3)
+    diverse_ids = _one_diverse_item_per_user(module, batch, offset=3)
     loss = module.training_loss(batch)
     assert isinstance(module.scorers["self"], PredictScorer)
     users = batch[model.USER_ID]
@@ -298,7 +385,7 @@ def test_generic_path_uses_documented_score_mix(fpmc, monkeypatch):
         candidates = batch[CANDIDATES]
         hard = candidates.gather(1, scorer(model, batch, candidates).argmax(1, True))
         s = scorer(model, batch, torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), hard,
-                                            module.diverse[users, :1]], 1))
+                                            diverse_ids[users].unsqueeze(1)], 1))
         lam = config["divns_lambda"]
         expected = bpr_loss(s[:, 0], lam * s[:, 1] + (1 - lam) * s[:, 2])
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -320,20 +407,103 @@ def test_refresh_then_state_roundtrip(sasrec):
     assert torch.equal(fresh.cache.items, state_before["c"]) and torch.equal(fresh.hard.items, state_before["h"])
     assert torch.equal(fresh.negative_counts, module.negative_counts)
     record = module.refresh(0)
-    assert record["diverse_users"] == int((module.diverse_size > 0).sum()) > 0
+    assert record["diverse_users"] == int((module.diverse.size > 0).sum()) > 0
     assert int(module.cache.size.sum()) == 0 and int(module.hard.size.sum()) == 0  # cleared after the refresh
     k_bound = torch.minimum(fresh.cache.size, fresh.hard.size)
-    assert (module.diverse_size <= k_bound).all() and (module.diverse_size[k_bound > 0] > 0).all()
+    assert (module.diverse.size <= k_bound).all() and (module.diverse.size[k_bound > 0] > 0).all()
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     fresh.on_load_checkpoint(ckpt)
-    assert torch.equal(fresh.diverse, module.diverse) and fresh.negative_history == module.negative_history
+    assert all(torch.equal(getattr(fresh.diverse, f), getattr(module.diverse, f)) for f in ("ids", "offset", "size"))
+    assert fresh.negative_history == module.negative_history
+
+
+def _changed(config, **values):
+    """A copy of a RecBole ``Config`` with ``values`` set."""
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        config[key] = value
+    return config
+
+
+def _with_sets(module, users, per_user: int):
+    """Give every user a diverse set of ``per_user`` distinct known items."""
+    n_users = int(users.max()) + 1
+    ids = (torch.arange(n_users).unsqueeze(1) * 5 + torch.arange(per_user)) % (module.model.n_items - 1) + 1
+    module.diverse = DiverseSets.from_dense(ids, torch.full((n_users,), per_user))
+    return ids
+
+
+def test_pick_top_follows_each_rows_representation(sasrec):
+    config, model, optimizer, batch, _ = sasrec
+    model.eval()
+    module = DivNSModule(model, optimizer, _changed(config, divns_diverse_pick="top"))
+    users = batch[model.USER_ID]
+    ids = _with_sets(module, users, 6)
+    scorer = module.scorer_for("self", model, batch)
+    h = scorer.encode(model, batch)
+    picked, has = module.pick_diverse(users, batch, h, scorer)
+    with torch.no_grad():
+        expected = ids[users].gather(1, torch.einsum("bd,bkd->bk", h, model.item_embedding(ids[users])).argmax(1, True))
+    assert has.all() and torch.equal(picked, expected.squeeze(1))
+    rows_of = {u: picked[users == u].unique().numel() for u in users.unique().tolist() if (users == u).sum() > 1}
+    assert rows_of and max(rows_of.values()) > 1  # one user, several rows, several "best" diverse items
+
+
+def test_distinct_pairing_and_rows_bound(sasrec):
+    config, model, optimizer, batch, train_data = sasrec
+    model.eval()
+    module = DivNSModule(model, optimizer, _changed(config, divns_pairing="distinct", divns_cache_bound="rows",
+                                                    divns_cache_size=12))
+    users = batch[model.USER_ID]
+    _with_sets(module, users, 2)
+    picked, _ = module.pick_diverse(users, batch)
+    for u in users.unique().tolist():
+        assert picked[users == u].unique().numel() == min(int((users == u).sum()), 2)  # one-to-one where possible
+    rows = torch.zeros(train_data._dataset.user_num, dtype=torch.long)
+    epoch = list(train_data)
+    for b in epoch:
+        rows += torch.bincount(b[model.USER_ID], minlength=len(rows))
+    module.bound_by_rows(torch.bincount(train_data._dataset.inter_feat["user_id"], minlength=len(rows)))
+    r, hard_bound = config["divns_cache_ratio"], 12 // config["divns_cache_ratio"]
+    assert torch.equal(module.cache.cap, (r * rows).clamp(1, 12))
+    assert torch.equal(module.hard.cap, rows.clamp(1, hard_bound))
+    assert module.cache.data.numel() == int((r * rows).clamp(1, 12).sum()) < len(rows) * 12  # memory ~ rows
+    module.diverse = DiverseSets.empty()
+    inserted = collections.defaultdict(set)  # every distinct runner-up of the epoch, per user
+    for b in epoch:
+        module.training_loss(b)
+        with torch.no_grad():
+            hard, runners = hard_and_runner_ups(DotScorer(model)(model, b, b[CANDIDATES]), r)
+        hard_ids = b[CANDIDATES].gather(1, hard.unsqueeze(1))
+        runner_ids = b[CANDIDATES].gather(1, runners)
+        for u, h_id, row in zip(b[model.USER_ID].tolist(), hard_ids.tolist(), runner_ids.tolist()):
+            inserted[u].update(set(row) - set(h_id))
+    fits = [u for u, ids in inserted.items() if len(ids) <= int(module.cache.cap[u])]
+    assert len(fits) > 10 and all(_row_set(module.cache, u) == sorted(inserted[u]) for u in fits)  # none evicted
+    full = [u for u, ids in inserted.items() if len(ids) > int(module.cache.cap[u])]
+    assert full and all(int(module.cache.size[u]) == 12 for u in full)  # only the cap binds
+    sets = refresh_diverse_sets(item_representation(model), module.cache, module.cache.size, module.hard,
+                                module.hard.size, generator=torch.Generator().manual_seed(0))
+    assert (sets.size <= torch.minimum(module.cache.size, module.hard.size)).all() and (sets.size > 0).sum() > 30
+
+
+@pytest.mark.parametrize("r", [2, 4, 6])
+def test_hard_bound_can_be_independent_of_r(tiny_data, tmp_path, r):
+    def module(**overrides):
+        config = create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, tmp_path, neg_sampler="divns",
+                                                                         divns_cache_ratio=r, **overrides))
+        return DivNSModule(get_model("SASRec")(config, create_dataset(config)), None, config)
+
+    assert module(divns_hard_size=16).hard.capacity == 16  # the cap on k = min(|H_u|, |C_u|) does not move with r
+    assert module().hard.capacity == 64 // r               # the default follows r (|C_u| ~ r |H_u|)
 
 
 @pytest.mark.parametrize("key,value", [("divns_cache_ratio", 10), ("divns_cache_ratio", 0), ("divns_lambda", 1.5),
                                        ("divns_kernel", "poly"), ("divns_dpp_mode", "map"), ("divns_gamma", 0),
                                        ("divns_alpha", -1), ("divns_cache_size", 0), ("top_m", 2),
-                                       ("candidate_num", 1)])
+                                       ("candidate_num", 1), ("divns_gamma", "mean"), ("divns_diverse_pick", "best"),
+                                       ("divns_pairing", "greedy"), ("divns_cache_bound", "users")])
 def test_validate_config_names_key(tiny_data, tmp_path, key, value):
     with pytest.raises(ValueError, match=key):
         create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, tmp_path, neg_sampler="divns",
@@ -369,12 +539,12 @@ def test_sasrec_run_checkpoint_and_resume(tiny_data, tmp_path, in_tmp):
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0]["synthetic_row_fraction"] == 0.0  # epoch 0 is plain DNS
     assert history[1]["synthetic_row_fraction"] > 0.9 and history[2]["synthetic_row_fraction"] > 0.9
-    assert (ckpt["divns"]["diverse_size"] > 0).sum() > 30
+    assert (ckpt["divns"]["diverse"]["size"] > 0).sum() > 30
     assert 0 < history[2]["mean_pairwise_cosine_distance"] <= 2 and 0 < history[2]["catalogue_fraction"] <= 1
 
     run("first", 2)
     first = _last_ckpt(runs["first"])
-    assert len(first["negatives"]["history"]) == 2 and (first["divns"]["diverse_size"] > 0).any()
+    assert len(first["negatives"]["history"]) == 2 and (first["divns"]["diverse"]["size"] > 0).any()
     (path,) = runs["first"].glob("saved/*-lightning/last.ckpt")
     resumed = run("resumed", 3, resume_from=str(path))
     after = _last_ckpt(runs["resumed"])
@@ -382,8 +552,43 @@ def test_sasrec_run_checkpoint_and_resume(tiny_data, tmp_path, in_tmp):
     # a resumed run is the uninterrupted one: same weights, same diverse sets, same results
     for key, value in ckpt["state_dict"].items():
         assert torch.allclose(value, after["state_dict"][key], atol=1e-6), key
-    assert torch.equal(ckpt["divns"]["diverse"], after["divns"]["diverse"])
+    assert all(torch.equal(ckpt["divns"]["diverse"][f], after["divns"]["diverse"][f]) for f in ("ids", "size"))
     assert resumed["test_result"] == full["test_result"]
+
+
+def test_sequence_variants_train_all_positions(tiny_data, tmp_path, in_tmp, caplog):
+    """Every option of 'DivNS on sequences' at once, on full-sequence batches, resumed exactly."""
+    caplog.set_level(logging.INFO)
+    variants = {"divns_diverse_pick": "score", "divns_pairing": "distinct", "divns_cache_bound": "rows",
+                "divns_gamma": "median", "train_positions": "all", "train_window_stride": 3, "state": "INFO"}
+
+    def run(name, epochs, **extra):
+        return recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=tiny_config(
+            tiny_data, tmp_path / name, neg_sampler="divns", epochs=epochs, **variants, **extra))
+
+    full = run("full", 3)
+    assert full["train_info"]["train_positions"] == "all"
+    assert "divns caches bounded by each user's training rows" in caplog.text
+    history = _last_ckpt(tmp_path / "full")["negatives"]["history"]
+    assert history[0]["synthetic_row_fraction"] == 0.0 and history[1]["synthetic_row_fraction"] > 0.9
+    assert history[1]["diverse_users"] >= 38
+    run("first", 2)
+    (path,) = (tmp_path / "first").glob("saved/*-lightning/last.ckpt")
+    assert run("resumed", 3, resume_from=str(path))["test_result"] == full["test_result"]
+
+
+def test_rows_bound_saves_memory_not_results(tiny_data, tmp_path, in_tmp):
+    """A user inserts at most r n_u runner-ups and n_u hard negatives an epoch, so at one cap the bounds that
+    follow the rows hold what the fixed ones hold: same training, smaller caches."""
+    def run(name, bound):
+        result = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=tiny_config(
+            tiny_data, tmp_path / name, neg_sampler="divns", epochs=2, divns_cache_bound=bound, divns_cache_size=16))
+        return result, _last_ckpt(tmp_path / name)["divns"]
+
+    (fixed, fixed_state), (rows, rows_state) = run("fixed", "fixed"), run("rows", "rows")
+    assert rows["test_result"] == fixed["test_result"]
+    assert torch.equal(rows_state["diverse"]["ids"], fixed_state["diverse"]["ids"])
+    assert rows_state["cache"]["data"].numel() < fixed_state["cache"]["data"].numel()
 
 
 def test_fpmc_generic_path_run(tiny_data, tmp_path, in_tmp, monkeypatch, caplog):
@@ -413,4 +618,4 @@ def test_ddp_two_cpu_processes_gather_caches(tiny_data, tmp_path):
     divns, history = ckpt["divns"], ckpt["negatives"]["history"]
     assert all(h["cache_entries"] > h["cache_entries_local"] for h in history)
     assert history[1]["synthetic_row_fraction"] > 0.9
-    assert (divns["diverse_size"] > 0).sum() >= 38  # (almost) every one of the 40 users
+    assert (divns["diverse"]["size"] > 0).sum() >= 38  # (almost) every one of the 40 users

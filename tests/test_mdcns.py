@@ -120,6 +120,50 @@ def test_distillation_loss_eqs11_12(tau):
     assert distillation_loss(student, teacher + 5.0, tau).item() == pytest.approx(got.item(), abs=1e-5)
 
 
+def _authors_iteration_loss(s1, s2, kd_gamma, T, d_lambda, dws_beta=1.0):
+    """The loss of one batch in the authors' released code (``MDCNS_Code/trainers.py``,
+    ``MDHNSTrainer.iteration`` with ``loss_type BCE``, ``K_hns = 1``, ``alpha = beta = 1``), written out."""
+    pos1, pool1, pos2, pool2 = s1[:, 0], s1[:, 1:], s2[:, 0], s2[:, 1:]
+    istarget = torch.ones_like(pos1)
+
+    def bce(pos_logits, neg_logits_pool, neg_indices):
+        neg_scores = neg_logits_pool.gather(1, neg_indices.unsqueeze(1)).squeeze(1)
+        loss = (-torch.log(torch.sigmoid(pos_logits) + 1e-24) - torch.log(1 - torch.sigmoid(neg_scores) + 1e-24))
+        return torch.sum(loss * istarget) / (torch.sum(istarget) + 1e-8)
+
+    with torch.no_grad():
+        disagreement = torch.abs(pool1 - pool2)
+        neg_a = torch.topk(pool1 + dws_beta * disagreement, 1).indices[:, 0]
+        neg_b = torch.topk(pool2 + dws_beta * disagreement, 1).indices[:, 0]
+        neg_c = torch.topk(0.5 * (pool1 + pool2) + dws_beta * disagreement, 1).indices[:, 0]
+    L1 = bce(pos1, pool1, neg_a) + bce(pos1, pool1, neg_b) + d_lambda * bce(pos1, pool1, neg_c)
+    L2 = bce(pos2, pool2, neg_b) + bce(pos2, pool2, neg_a) + d_lambda * bce(pos2, pool2, neg_c)
+    p_teacher = F.softmax((0.5 * (s1 + s2)).detach() / T, dim=-1)
+    L_KD1 = T ** 2 * F.kl_div(F.log_softmax(s1 / T, dim=-1), p_teacher, reduction="sum")
+    L_KD2 = T ** 2 * F.kl_div(F.log_softmax(s2 / T, dim=-1), p_teacher, reduction="sum")
+    return L1 + L2 + kd_gamma * (L_KD1 + L_KD2), L_KD1
+
+
+@pytest.mark.parametrize("tau, gamma", [(1.0, 1.0), (5.0, 0.3)])  # the published Beauty / LastFM picks
+def test_batch_sum_is_the_authors_distillation(tau, gamma):
+    s_self, s_peer = _scores(1, rows=7, n=9), _scores(2, rows=7, n=9)
+    kw = dict(strategy=MultiViewTopMNegative(1), loss_fn=bce_loss, alpha=1.0, beta=1.0, gamma=gamma, beta_div=1.0,
+              tau=tau, mu=0.01)
+    summed = mdcns_losses(s_self, s_peer, kl_reduction="batch_sum", **kw)
+    authors, authors_kd1 = _authors_iteration_loss(s_self, s_peer, kd_gamma=0.01, T=tau, d_lambda=gamma)
+    assert torch.allclose(summed.self_dis, authors_kd1, rtol=1e-5)
+    assert torch.allclose(summed.self_total + summed.peer_total, authors, rtol=1e-5)
+    grads = torch.autograd.grad(summed.self_total + summed.peer_total, (s_self, s_peer))
+    expected = torch.autograd.grad(authors, (s_self, s_peer))
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected))
+    # per row, batch_sum with mu is mean with mu * B (0.01 at B = 1024 is 10.24)
+    mean = mdcns_losses(s_self, s_peer, kl_reduction="mean", **{**kw, "mu": 0.01 * 7})
+    assert torch.allclose(mean.self_total, summed.self_total) and torch.allclose(mean.peer_total, summed.peer_total)
+    assert not torch.allclose(mdcns_losses(s_self, s_peer, **kw).self_total, summed.self_total)
+    with pytest.raises(ValueError, match="mdcns_kl_reduction"):
+        distillation_loss(s_self, s_peer, 1.0, "sum")
+
+
 def test_total_loss_eq13():
     assert total_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5) == 3.5
     assert total_loss(torch.tensor(2.0), torch.tensor(float("nan")), 0.0) == 2.0  # mu = 0: term dropped
@@ -210,6 +254,7 @@ def test_score_ensemble_standardises_each_member():
     ({"mu": 0}, "set mdcns_mu instead"),
     ({"mdcns_teacher_agg": "max"}, "mdcns_teacher_agg"),
     ({"mdcns_kl_include_positive": "yes"}, "mdcns_kl_include_positive"),
+    ({"mdcns_kl_reduction": "sum"}, "mdcns_kl_reduction"),
     ({"mdcns_peer_config": {"learner": "sgd"}}, "learner"),
     ({"mdcns_peer_config": {"model": "SASRec"}}, "mdcns_peer_config"),
     ({"mdcns_peer_config": [1, 2]}, "mdcns_peer_config"),
@@ -225,7 +270,38 @@ def test_defaults_from_yaml(tiny_data, tmp_path):
     assert config["candidate_num"] == 100 and config["top_m"] == 1
     assert config["mdcns_peer_model"] == "GRU4Rec" and config["mdcns_teacher_agg"] == "mean"
     assert [config[f"mdcns_{k}"] for k in ("alpha", "beta", "gamma", "beta_div", "tau", "mu")] == [1.0] * 6
-    assert config["mdcns_kl_include_positive"] is True
+    assert config["mdcns_kl_include_positive"] is True and config["mdcns_kl_reduction"] == "mean"
+
+
+def test_authors_preset(tiny_data, tmp_path):
+    """``presets/mdcns_authors.yaml`` loads under a run's own values, with a Mamba4Rec peer at the authors' sizes,
+    and trains."""
+    from recbole_mdcns.companion_models import companion_config
+    from recbole_mdcns.config import preset_yaml
+
+    run = {key: value for key, value in tiny_config(tiny_data, tmp_path).items()
+           if key not in ("hidden_size", "embedding_size", "inner_size", "n_layers", "n_heads", "topk",
+                          "MAX_ITEM_LIST_LENGTH", "train_batch_size", "valid_metric", "epochs")}
+    config = create_config("SASRec", "tiny", config_file_list=[preset_yaml("mdcns_authors")],
+                           config_dict={**run, "mdcns_gamma": 0.3, "mdcns_tau": 5.0})  # LastFM's published pick
+    assert config["neg_sampler"] == "mdcns" and config["neg_loss"] == "bce" and config["train_batch_size"] == 1024
+    assert (config["mdcns_kl_reduction"], config["mdcns_mu"], config["mdcns_teacher_agg"]) == (
+        "batch_sum", 0.01, "mean")
+    assert (config["mdcns_gamma"], config["mdcns_tau"], config["mdcns_alpha"], config["mdcns_beta"]) == (0.3, 5.0, 1, 1)
+    assert (config["hidden_dropout_prob"], config["attn_dropout_prob"], config["n_layers"], config["n_heads"]) == (
+        0.5, 0.5, 2, 2)
+    assert (config["valid_metric"], config["stopping_step"], config["epochs"]) == ("NDCG@20", 30, 300)
+    peer = companion_config(config, config["mdcns_peer_model"], config["mdcns_peer_config"])
+    assert peer["model"] == "Mamba4Rec"
+    assert [peer[k] for k in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "dropout_prob")] == [
+        64, 2, 16, 4, 2, 0.5]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        result = recbole_mdcns.run_recbole("SASRec", "tiny", config_file_list=[preset_yaml("mdcns_authors")],
+                                           config_dict={**run, "epochs": 1, "candidate_num": 20,
+                                                        "MAX_ITEM_LIST_LENGTH": 8})
+    assert 0.0 <= result["best_valid_result"]["ndcg@20"] <= 1.0
+    assert result["train_info"]["extra_valid_results"][0]["peer"]["ndcg@20"] >= 0.0
 
 
 # =========================================================================== one real batch
@@ -314,6 +390,111 @@ def test_gradient_clipping_is_per_model(real_batch):
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         assert norm == pytest.approx(0.01, rel=1e-3)  # each model clipped to the bound on its own
     module.zero_grad()
+
+
+# =========================================================================== DDP == one process
+NO_DROPOUT_PEER = {"hidden_size": 24, "embedding_size": 16, "dropout_prob": 0.0}
+
+
+@pytest.fixture(scope="module")
+def split_data(tiny_data, tmp_path_factory):
+    """A config without dropout (same scores in every pass) and the tiny training data."""
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_mdcns.data import candidate_train_loader
+
+    tmp = tmp_path_factory.mktemp("split")
+    overrides = {**MDCNS, "mdcns_peer_config": NO_DROPOUT_PEER, "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0,
+                 "mdcns_mu": 0.5, "mdcns_tau": 2.0}
+    config = create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, tmp, **overrides))
+    train, _, _ = data_preparation(config, create_dataset(config))
+    return config, candidate_train_loader(config, train)
+
+
+def _fresh_module(config, train, reduction: str, positions: str) -> MDCNSModule:
+    from recbole.utils import get_model, init_seed
+
+    from recbole_mdcns.full_sequence import plan_positions
+
+    config["mdcns_kl_reduction"] = reduction
+    init_seed(config["seed"], True)
+    model = get_model("SASRec")(config, train._dataset)
+    module = MDCNSModule(model, torch.optim.Adam(model.parameters(), lr=1e-3), config)
+    module.attach(train._dataset)
+    probe = train.probe_batch()
+    module.prepare_scorers(probe)
+    assert plan_positions(module, probe, positions)[0] == (positions == "all")
+    return module
+
+
+def _ddp_gradient(module, batches, world: int, monkeypatch) -> list[torch.Tensor]:
+    """What DDP applies when each of ``batches`` is one rank's: the mean over ranks of each rank's gradient
+    of ``training_step`` (which scales by ``LOSS_SCALE`` under ``train_positions: all``)."""
+    monkeypatch.setattr(module, "world_size", lambda: world)
+    params = [p for p in module.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for batch in batches:
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        total = [t + (p.grad if p.grad is not None else 0) for t, p in zip(total, params)]
+    module.zero_grad()
+    return [t / len(batches) for t in total]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(a, b))
+
+
+def _rank_shares(train, world: int) -> tuple[Interaction, list[Interaction]]:
+    """The first global batch of windows, whole and as ``world`` ranks' shares (with the whole batch's
+    candidate pools, so that both see the same rows)."""
+    from recbole_mdcns.full_sequence import (
+        TARGET_POSITION, WindowBatchSampler, WindowCollate, Windows, user_sequences,
+    )
+
+    inter = train._dataset.inter_feat
+    seqs = user_sequences(inter["user_id"], inter["item_id"], inter["item_id_list"], inter["item_length"])
+    windows = Windows.build(seqs, train.config["MAX_ITEM_LIST_LENGTH"], 3)
+    whole = WindowCollate(windows, train)(next(iter(WindowBatchSampler(windows.targets, 57, False, 0))))
+    shares = [WindowCollate(windows, train, world)(next(iter(WindowBatchSampler(windows.targets, 57, False, 0,
+                                                                                 world, rank))))
+              for rank in range(world)]
+    key = lambda b: b["user_id"] * 100_000 + b[TARGET_POSITION]  # noqa: E731
+    for share in shares:
+        index = (key(share).unsqueeze(1) == key(whole).unsqueeze(0)).long().argmax(1)
+        assert torch.equal(key(whole)[index], key(share))
+        share.interaction[CANDIDATES] = whole[CANDIDATES][index]
+    assert sum(len(share["item_id"]) for share in shares) == len(whole["item_id"])
+    return whole, shares
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batch_sum"])
+def test_ddp_gradient_equals_one_process_all_positions(split_data, reduction, monkeypatch):
+    """Three ranks' shares of a full-sequence global batch (unequal target counts) give DDP the gradient
+    of the whole batch in one process, for both KL reductions."""
+    config, train = split_data
+    module = _fresh_module(config, train, reduction, "all")
+    whole, shares = _rank_shares(train, 3)
+    assert len({len(share["item_id"]) for share in shares}) > 1
+    one = _ddp_gradient(module, [whole], 1, monkeypatch)
+    assert _same(_ddp_gradient(module, shares, 3, monkeypatch), one)
+    if reduction == "batch_sum":  # without the rank factor each rank's summed KL would count for a third
+        assert not _same(_ddp_gradient(module, shares, 1, monkeypatch), one)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batch_sum"])
+def test_ddp_gradient_equals_one_process_prefix_rows(split_data, reduction, monkeypatch):
+    """Prefix rows: each rank holds B / 2 rows (Lightning's DistributedSampler), no LOSS_SCALE."""
+    config, train = split_data
+    module = _fresh_module(config, train, reduction, "last")
+    whole = next(iter(train))
+    half = len(whole) // 2
+    shares = [whole[torch.arange(half)], whole[torch.arange(half, 2 * half)]]
+    whole = whole[torch.arange(2 * half)]
+    one = _ddp_gradient(module, [whole], 1, monkeypatch)
+    assert _same(_ddp_gradient(module, shares, 2, monkeypatch), one)
+    if reduction == "batch_sum":
+        assert not _same(_ddp_gradient(module, shares, 1, monkeypatch), one)
 
 
 # =========================================================================== full runs
@@ -465,14 +646,16 @@ def test_wrong_dataset_teacher_fails_the_run_clearly(two_epochs, tmp_path):
 
 # =========================================================================== DDP
 def test_ddp_two_cpu_processes_one_epoch(tiny_data, tmp_path):
-    """Lightning's subprocess launcher re-runs ``python -m recbole_mdcns ...`` for rank 1."""
+    """Lightning's subprocess launcher re-runs ``python -m recbole_mdcns ...`` for rank 1 (with the
+    authors' batch-summed KL, whose rank factor ``kl_factor`` is then 2)."""
     # use_gpu: False -- with accelerator=cpu alone, a CUDA machine fails in RecBole's get_environment
     # (config["use_gpu"] stays True while config["device"] is the CPU); see the report to the lead.
     config = tiny_config(tiny_data, tmp_path, **MDCNS, state="INFO", use_gpu=False)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "recbole_mdcns", "--model=SASRec", "--dataset=tiny", "--neg_sampler=mdcns",
-               "--accelerator=cpu", "--devices=2", "--strategy=ddp", "--epochs=1", f"--config_files={config_file}"]
+               "--accelerator=cpu", "--devices=2", "--strategy=ddp", "--epochs=1", "--mdcns_kl_reduction=batch_sum",
+               f"--config_files={config_file}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
@@ -485,3 +668,4 @@ def test_ddp_two_cpu_processes_one_epoch(tiny_data, tmp_path):
     assert 0.0 <= ndcg <= recall <= 1.0
     assert "peer valid result" in output and "ensemble valid result" in output
     assert "train_loss1" in output and "train_loss2" in output
+    assert re.search(r"mdcns_kl_reduction = batch_sum", output), output[-4000:]

@@ -23,9 +23,15 @@ peer swapped, for the peer (paper footnote 1). Decisions where the paper is sile
   but the sum sharpens the teacher's softmax by the number of sources.
 * ``mdcns_kl_include_positive: true``: the softmax of Eqs. 11-12 runs over
   ``[v+ | C_N]`` as in the authors' released code (which produced the published
-  numbers); ``false`` gives the paper's ``C_N`` only. The KL is summed over the
-  softmax items and averaged over rows (like the ranking losses), so ``mu`` does not
-  depend on the batch size or on the number of DDP ranks.
+  numbers); ``false`` gives the paper's ``C_N`` only.
+* ``mdcns_kl_reduction``: ``mean`` (default) -- the KL is summed over the softmax items
+  and averaged over rows (like the ranking losses), so ``mu`` does not depend on the
+  batch size or on the number of DDP ranks; ``batch_sum`` -- summed over the rows of the
+  global batch too, as the authors' code does (``kd_gamma * tau^2 * F.kl_div(log_p_student,
+  p_teacher, reduction='sum')``, their ``kd_gamma`` = our ``mdcns_mu``): each row then weighs
+  ``mu * B`` in the ``mean`` convention (0.01 at B = 1024 is ``mean`` with 10.24), and the
+  last, partial batch weighs less. Under DDP the sum is the global batch's
+  (:meth:`MDCNSModule.kl_factor`); with ``train_positions: all`` it runs over the trained targets.
 * The three negatives are drawn once per row and shared by both models: the peer's
   ``alpha`` term uses the peer's own view, its ``beta`` term the self model's view.
 * Extra frozen teachers only join the teacher (Eq. 4); the divergence stays self-vs-peer.
@@ -48,6 +54,7 @@ from recbole_mdcns.companion_models import build_companion, load_frozen_model
 from recbole_mdcns.config import NO_BPR_MODELS, packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
+from recbole_mdcns.full_sequence import LOSS_SCALE
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import LossFn
 from recbole_mdcns.models import sequential_model_class
@@ -55,6 +62,7 @@ from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.strategies import MultiViewTopMNegative
 
 TEACHER_AGGS = ("mean", "sum")
+KL_REDUCTIONS = ("mean", "batch_sum")
 VIEWS = ("self", "peer", "teacher")
 WEIGHT_KEYS = ("alpha", "beta", "gamma", "beta_div", "mu")
 # Config keys are prefixed: FOSSIL, KSR and FEARec read ``alpha``, ``gamma`` and ``tau`` themselves.
@@ -119,15 +127,19 @@ def ranking_loss(pos: torch.Tensor, pool: torch.Tensor, negatives: torch.Tensor,
     return total
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                      reduction: str = "mean") -> torch.Tensor:
     """Eqs. 11-12: ``tau^2 * KL(p_teacher || p_student)``, ``p = softmax(s / tau)`` over the last dim.
 
-    The teacher is detached. Summed over the softmax items, averaged over rows.
+    The teacher is detached. Summed over the softmax items, then over rows: averaged
+    (``reduction="mean"``) or summed (``"batch_sum"``, the authors' ``reduction='sum'``).
     """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"mdcns_kl_reduction must be one of {list(KL_REDUCTIONS)}, got {reduction!r}")
     log_p_student = F.log_softmax(student.float() / tau, -1)
     log_p_teacher = F.log_softmax(teacher.detach().float() / tau, -1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
-    return tau * tau * kl
+    per_row = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return tau * tau * (per_row.mean() if reduction == "mean" else per_row.sum())
 
 
 def total_loss(rec: torch.Tensor, dis: torch.Tensor, mu: float) -> torch.Tensor:
@@ -151,12 +163,15 @@ class MDCNSLosses:
 def mdcns_losses(s_self: torch.Tensor, s_peer: torch.Tensor, extra: Sequence[torch.Tensor] = (), *,
                  strategy: MultiViewTopMNegative, loss_fn: LossFn, alpha: float = 1.0, beta: float = 1.0,
                  gamma: float = 1.0, beta_div: float = 1.0, tau: float = 1.0, mu: float = 1.0,
-                 agg: str = "mean", include_positive: bool = True,
-                 generator: torch.Generator | None = None) -> MDCNSLosses:
+                 agg: str = "mean", include_positive: bool = True, kl_reduction: str = "mean",
+                 kl_factor: float = 1.0, generator: torch.Generator | None = None) -> MDCNSLosses:
     """Eqs. 4-13 for one batch from the scores of Eq. 3, for self and (roles swapped) peer.
 
     ``s_self``, ``s_peer`` and each tensor of ``extra`` are ``[B, 1 + N]`` scores of
     ``[v+ | C_N]``; ``s_self``/``s_peer`` carry their model's gradient, ``extra`` none.
+    ``kl_reduction`` reduces each model's KL over rows (:func:`distillation_loss`);
+    ``kl_factor`` multiplies it in Eq. 13 only (``self_dis`` / ``peer_dis`` stay this batch's
+    values): :meth:`MDCNSModule.kl_factor` makes a DDP rank's sum count as the global batch's.
     """
     pos_self, pool_self = s_self[:, 0], s_self[:, 1:]
     pos_peer, pool_peer = s_peer[:, 0], s_peer[:, 1:]
@@ -170,12 +185,13 @@ def mdcns_losses(s_self: torch.Tensor, s_peer: torch.Tensor, extra: Sequence[tor
     peer_rec = ranking_loss(pos_peer, pool_peer, negatives[:, [1, 0, 2]], (alpha, beta, gamma), loss_fn)
     first = 0 if include_positive else 1
     if mu:
-        self_dis = distillation_loss(s_self[:, first:], teacher[:, first:], tau)
-        peer_dis = distillation_loss(s_peer[:, first:], teacher[:, first:], tau)
+        self_dis = distillation_loss(s_self[:, first:], teacher[:, first:], tau, kl_reduction)
+        peer_dis = distillation_loss(s_peer[:, first:], teacher[:, first:], tau, kl_reduction)
     else:
         self_dis = peer_dis = s_self.new_zeros(())
-    return MDCNSLosses(self_rec, self_dis, peer_rec, peer_dis, total_loss(self_rec, self_dis, mu),
-                       total_loss(peer_rec, peer_dis, mu), negatives)
+    weight = mu * kl_factor
+    return MDCNSLosses(self_rec, self_dis, peer_rec, peer_dis, total_loss(self_rec, self_dis, weight),
+                       total_loss(peer_rec, peer_dis, weight), negatives)
 
 
 # --------------------------------------------------------------------------- config checks
@@ -227,6 +243,9 @@ def _validate_weights(config) -> None:
         raise ValueError(f"{', '.join(trained)} cannot all be 0: nothing would be trained")
     if config["mdcns_teacher_agg"] not in TEACHER_AGGS:
         raise ValueError(f"mdcns_teacher_agg must be one of {list(TEACHER_AGGS)}, got {config['mdcns_teacher_agg']!r}")
+    if config["mdcns_kl_reduction"] not in KL_REDUCTIONS:
+        raise ValueError(f"mdcns_kl_reduction must be one of {list(KL_REDUCTIONS)}, "
+                         f"got {config['mdcns_kl_reduction']!r}")
     for key in ("mdcns_kl_include_positive", "mdcns_eval_peer"):
         if not isinstance(config[key], bool):
             raise ValueError(f"{key} must be true or false, got {config[key]!r}")
@@ -264,6 +283,7 @@ class MDCNSModule(NegativeSamplingModule):
         self.weights = {name: float(config[key]) for name, key in KEY.items()}
         self.agg = config["mdcns_teacher_agg"]
         self.include_positive = bool(config["mdcns_kl_include_positive"])
+        self.kl_reduction = config["mdcns_kl_reduction"]
         self.epoch_parts = [0.0, 0.0]
         self.extra_valid_results: list[dict] = []
 
@@ -332,12 +352,35 @@ class MDCNSModule(NegativeSamplingModule):
                 extra.append(pool_scores(self.scorer_for(f"teacher{i}", teacher, batch), teacher, batch, items))
         return s_self, s_peer, extra
 
+    def world_size(self) -> int:
+        """Number of DDP ranks training together (1 outside a Lightning run)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def kl_factor(self, batch: Interaction) -> float:
+        """Multiplier of this rank's batch-summed KL so that the gradient DDP applies is the global
+        batch's sum (``1`` for ``mdcns_kl_reduction: mean``, whose per-rank means the base
+        ``training_step`` already weighs).
+
+        DDP averages the ranks' gradients, and under ``train_positions: all`` the base
+        ``training_step`` first multiplies rank ``r``'s loss by ``LOSS_SCALE_r = T_r W / T``
+        (``T_r`` of the global batch's ``T`` targets on this rank, ``W`` ranks). A rank that
+        returns ``mu * S_r * W / LOSS_SCALE_r`` (``S_r``: its KL sum) therefore contributes
+        ``mu * S_r * W`` to the sum DDP divides by ``W``: the gradient is that of
+        ``mu * sum_r S_r``, the single-process sum over the global batch. Prefix rows carry no
+        ``LOSS_SCALE`` (each rank has ``B / W`` rows): the factor is ``W``.
+        """
+        if self.kl_reduction != "batch_sum":
+            return 1.0
+        scale = float(batch[LOSS_SCALE][0]) if LOSS_SCALE in batch.interaction else 1.0
+        return self.world_size() / scale
+
     def losses(self, batch: Interaction) -> MDCNSLosses:
         s_self, s_peer, extra = self.scores(batch)
         w = self.weights
         return mdcns_losses(s_self, s_peer, extra, strategy=self.strategy, loss_fn=self.loss_fn,
                             alpha=w["alpha"], beta=w["beta"], gamma=w["gamma"], beta_div=w["beta_div"],
-                            tau=w["tau"], mu=w["mu"], agg=self.agg, include_positive=self.include_positive)
+                            tau=w["tau"], mu=w["mu"], agg=self.agg, include_positive=self.include_positive,
+                            kl_reduction=self.kl_reduction, kl_factor=self.kl_factor(batch))
 
     def training_loss(self, batch: Interaction) -> torch.Tensor:
         """``L_self + L_peer`` (Eq. 13 for each); one backward updates both models."""
