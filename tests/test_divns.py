@@ -619,3 +619,17 @@ def test_ddp_two_cpu_processes_gather_caches(tiny_data, tmp_path):
     assert all(h["cache_entries"] > h["cache_entries_local"] for h in history)
     assert history[1]["synthetic_row_fraction"] > 0.9
     assert (divns["diverse"]["size"] > 0).sum() >= 38  # (almost) every one of the 40 users
+
+
+def test_refresh_every_k_epochs(tiny_data, in_tmp):
+    """divns_refresh_every: 2 -- D_u is drawn after epochs 1 and 3 only; epochs 0-1 train plain DNS."""
+    recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=tiny_config(
+        tiny_data, in_tmp, neg_sampler="divns", epochs=4, divns_refresh_every=2, train_positions="all"))
+    history = _last_ckpt(in_tmp)["negatives"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert ["refresh_seconds" in h for h in history] == [False, True, False, True]
+    assert history[1]["synthetic_row_fraction"] == 0.0  # no D_u before the first refresh
+    assert history[3]["synthetic_row_fraction"] > 0.9  # epochs 2-3 mixed with the D_u of epoch 1
+    with pytest.raises(ValueError, match="divns_refresh_every"):
+        create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="divns",
+                                                                divns_refresh_every=0))

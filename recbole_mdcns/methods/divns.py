@@ -530,6 +530,7 @@ class DivNSModule(DNSModule):
         self.alpha = float(config["divns_alpha"])
         self.dpp_mode = config["divns_dpp_mode"]
         self.chunk = config["divns_refresh_chunk"]
+        self.refresh_every = config["divns_refresh_every"]
         self.pick = config["divns_diverse_pick"]
         self.pairing = config["divns_pairing"]
         self.cache_bound = config["divns_cache_bound"]
@@ -568,6 +569,7 @@ class DivNSModule(DNSModule):
         if config["divns_hard_size"] is not None:
             check_number(config, "divns_hard_size", 1, integer=True)
         check_number(config, "divns_refresh_chunk", 1, integer=True)
+        check_number(config, "divns_refresh_every", 1, integer=True)
         for key, choices in (("divns_kernel", KERNELS), ("divns_dpp_mode", DPP_MODES),
                              ("divns_diverse_pick", DIVERSE_PICKS), ("divns_pairing", PAIRINGS),
                              ("divns_cache_bound", CACHE_BOUNDS)):
@@ -674,7 +676,13 @@ class DivNSModule(DNSModule):
     # ---- epoch end
 
     def on_train_epoch_end(self) -> None:
-        self.refresh(self.current_epoch)
+        """Refresh ``D_u`` every ``divns_refresh_every`` epochs (the caches keep filling in between, within
+        their bounds); the epochs in between only report their negatives."""
+        epoch = self.current_epoch
+        if (epoch + 1) % self.refresh_every == 0:
+            self.refresh(epoch)
+        else:
+            super().on_train_epoch_end()
 
     def refresh(self, epoch: int) -> dict:
         """Epoch-end step: report the negatives used (:meth:`negative_report`), gather caches across
