@@ -7,9 +7,11 @@
 ``dns``                            :mod:`.dns`                  DNS (SIGIR'13), DNS(M, N)
 ``divns``                          :mod:`.divns`                DivNS (arXiv 2508.14468)
 ``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
+``adasir``                         :mod:`.adasir`               AdaSIR (WWW'22)
 =================================  ===========================  ==============================
 
+Per-user state (growth, the DDP merge rule) is in :mod:`.user_state`.
 A new method is a new module here (its selection rule, its LightningModule, its config checks,
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
-from recbole_mdcns.methods import divns, dns, mdcns  # noqa: F401  (registration on import)
+from recbole_mdcns.methods import adasir, divns, dns, mdcns  # noqa: F401  (registration on import)
