@@ -8,10 +8,11 @@
 ``divns``                          :mod:`.divns`                DivNS (arXiv 2508.14468)
 ``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
 ``adasir``                         :mod:`.adasir`               AdaSIR (WWW'22)
+``gnno``                           :mod:`.gnno`                 GNNO (SIGIR'23)
 =================================  ===========================  ==============================
 
 Per-user state (growth, the DDP merge rule) is in :mod:`.user_state`.
 A new method is a new module here (its selection rule, its LightningModule, its config checks,
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
-from recbole_mdcns.methods import adasir, divns, dns, mdcns  # noqa: F401  (registration on import)
+from recbole_mdcns.methods import adasir, divns, dns, gnno, mdcns  # noqa: F401  (registration on import)
