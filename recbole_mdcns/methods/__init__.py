@@ -9,10 +9,11 @@
 ``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
 ``adasir``                         :mod:`.adasir`               AdaSIR (WWW'22)
 ``gnno``                           :mod:`.gnno`                 GNNO (SIGIR'23)
+``srns``                           :mod:`.srns`                 SRNS (NeurIPS'20)
 =================================  ===========================  ==============================
 
-Per-user state (growth, the DDP merge rule) is in :mod:`.user_state`.
+Per-user state shared by AdaSIR and SRNS (growth, the DDP merge rule) is in :mod:`.user_state`.
 A new method is a new module here (its selection rule, its LightningModule, its config checks,
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
-from recbole_mdcns.methods import adasir, divns, dns, gnno, mdcns  # noqa: F401  (registration on import)
+from recbole_mdcns.methods import adasir, divns, dns, gnno, mdcns, srns  # noqa: F401  (registration on import)
