@@ -65,6 +65,10 @@ VARIANTS = {
     "recbole-dns-10": {"neg_sampler": "recbole", "loss_type": "BPR", "train_neg_sample_args": RECBOLE_DNS},
     "peer-uniform": {"neg_sampler": "uniform"},
     "mdcns": {"neg_sampler": "mdcns", "candidate_num": 100},
+    # the papers' baselines at their defaults; gnno from epoch 0 so that its hard draws are timed
+    "adasir": {"neg_sampler": "adasir"},
+    "gnno": {"neg_sampler": "gnno", "gnno_start_epoch": 0},
+    "srns": {"neg_sampler": "srns"},
 }
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]
 # (variant, reference, quantity, relation, bound): "variant / reference" for time, or
