@@ -81,6 +81,10 @@ VARIANTS = {
     "mixgcf-100": {"neg_sampler": "mixgcf", "candidate_num": 100},
     "dens-100": {"neg_sampler": "dens", "candidate_num": 100},
     "ahns-100": {"neg_sampler": "ahns", "candidate_num": 100},
+    # the papers' baselines at their defaults; gnno from epoch 0 so that its hard draws are timed
+    "adasir": {"neg_sampler": "adasir"},
+    "gnno": {"neg_sampler": "gnno", "gnno_start_epoch": 0},
+    "srns": {"neg_sampler": "srns"},
 }
 FULL_SEQUENCE_VARIANTS = ["uniform", "recbole-uniform", "uniform-all", "dns-100-all", "mdcns-all", "divns-all"]
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]

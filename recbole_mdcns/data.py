@@ -86,8 +86,9 @@ class CandidatePoolSampler(Sampler):
             return torch.multinomial(self.item_weights, size, replacement=True, generator=self.generator)
         return torch.randint(1, self.item_num, (size,), generator=self.generator)
 
-    def _is_used(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.used_pairs.contains(users, items)
+    def is_used(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Whether each ``(users[i], items[i])`` (same shapes, any) is a training interaction of the user."""
+        return self.used_pairs.contains(users.reshape(-1), items.reshape(-1)).view(items.shape)
 
     def _complement(self, user: int) -> torch.Tensor:
         lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))
@@ -100,12 +101,12 @@ class CandidatePoolSampler(Sampler):
         """``[B, num]`` items none of which the row's user interacted with in training."""
         users = user_ids.long().unsqueeze(1).expand(-1, num).reshape(-1)
         items = self._draw(len(users))
-        todo = self._is_used(users, items).nonzero().flatten()
+        todo = self.is_used(users, items).nonzero().flatten()
         for _ in range(_REJECTION_ROUNDS):
             if len(todo) == 0:
                 break
             items[todo] = self._draw(len(todo))
-            todo = todo[self._is_used(users[todo], items[todo])]
+            todo = todo[self.is_used(users[todo], items[todo])]
         for user in users[todo].unique().tolist():
             rows = todo[users[todo] == user]
             allowed = self._complement(user)

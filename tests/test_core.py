@@ -59,7 +59,7 @@ def test_used_bitmap_matches_the_used_pairs(tiny_data, in_tmp):
     users = torch.arange(ds.user_num).repeat_interleave(ds.item_num)
     items = torch.arange(ds.item_num).repeat(ds.user_num)
     expected = torch.isin(users * ds.item_num + items, sampler.used_ids)
-    assert expected.any() and torch.equal(sampler._is_used(users, items), expected)
+    assert expected.any() and torch.equal(sampler.is_used(users, items), expected)
 
 
 def test_pool_for_user_with_almost_every_item_terminates(tmp_path, in_tmp):

@@ -195,7 +195,9 @@ def test_samplers_train_all_positions_reproducibly(tiny_data, in_tmp, caplog, sa
 
 @pytest.mark.parametrize("sampler, extra", [("uniform", {"neg_num": 2, "candidate_num": 2, "neg_loss": "softmax"}),
                                             ("mixgcf", {"candidate_num": 5, "top_m": 2}),
-                                            ("dens", {"candidate_num": 5}), ("ahns", {"candidate_num": 5})])
+                                            ("dens", {"candidate_num": 5}), ("ahns", {"candidate_num": 5}),
+                                            ("adasir", {"candidate_num": 8, "adasir_pool_size": 6, "neg_num": 2}),
+                                            ("gnno", {"gnno_start_epoch": 0}), ("srns", {"srns_warmup": 0})])
 def test_baselines_train_all_positions(tiny_data, in_tmp, sampler, extra):
     config = tiny_config(tiny_data, in_tmp, neg_sampler=sampler, **{**ALL, "epochs": 1}, **extra)
     info = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=config)["train_info"]

@@ -331,7 +331,7 @@ def test_pool_eq2_excludes_training_items(real_batch):
     candidates = batch[CANDIDATES].cpu().long()
     users = batch[train._dataset.uid_field].cpu().long().unsqueeze(1).expand_as(candidates)
     assert candidates.shape == (len(batch), 20)
-    assert not train._sampler._is_used(users.reshape(-1), candidates.reshape(-1)).any()
+    assert not train._sampler.is_used(users.reshape(-1), candidates.reshape(-1)).any()
 
 
 def test_scores_eq3_match_predict(real_batch):

@@ -10,9 +10,15 @@
 ``ahns``                           :mod:`.ahns`                 AHNS (AAAI'24)
 ``divns``                          :mod:`.divns`                DivNS (arXiv 2508.14468)
 ``mdcns``                          :mod:`.mdcns`                MDCNS (SIGIR 2026)
+``adasir``                         :mod:`.adasir`               AdaSIR (WWW'22)
+``gnno``                           :mod:`.gnno`                 GNNO (SIGIR'23)
+``srns``                           :mod:`.srns`                 SRNS (NeurIPS'20)
 =================================  ===========================  ==============================
 
+Per-user state shared by AdaSIR and SRNS (growth, the DDP merge rule) is in :mod:`.user_state`.
 A new method is a new module here (its selection rule, its LightningModule, its config checks,
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
-from recbole_mdcns.methods import ahns, dens, divns, dns, mdcns, mixgcf  # noqa: F401  (registration on import)
+from recbole_mdcns.methods import (  # noqa: F401  (registration on import)
+    adasir, ahns, dens, divns, dns, gnno, mdcns, mixgcf, srns,
+)
