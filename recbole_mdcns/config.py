@@ -33,8 +33,16 @@ def packaged_yaml(name: str) -> str:
     return str(folder.joinpath(f"{name}.yaml"))
 
 
+def available_presets() -> list[str]:
+    """Names of the packaged presets (``config_yamls/presets/*.yaml``)."""
+    return sorted(path.stem for path in Path(packaged_yaml("presets/_")).parent.glob("*.yaml"))
+
+
 def preset_yaml(name: str) -> str:
-    """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``."""
+    """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``
+    (``python -m recbole_mdcns --preset NAME``); ``ValueError`` naming the presets for another name."""
+    if name not in available_presets():
+        raise ValueError(f"preset must be one of {available_presets()}, got {name!r}")
     return packaged_yaml(f"presets/{name}")
 
 
@@ -121,6 +129,8 @@ def validate(config: Config) -> None:
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     _check_positions(config)
+    if config["torch_threads"] is not None:
+        check_number(config, "torch_threads", 1, integer=True)
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):
