@@ -38,7 +38,8 @@ def summary_table(runs: list[Run], model: str) -> str:
     table = [("", "", *(label for label, _, _ in runs))]
     previous = None
     for group, metric in keys:
-        table.append((group if group != previous else "", metric, *(rows.get((group, metric), "-") for rows in per_run)))
+        cells = (rows.get((group, metric), "-") for rows in per_run)
+        table.append((group if group != previous else "", metric, *cells))
         previous = group
     table.append(("time", "", *(_duration(seconds) for _, _, seconds in runs)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
