@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_config
 from recbole_mdcns import quiet
 from recbole_mdcns.config import available_presets, create_config, preset_yaml
-from recbole_mdcns.quick_start import _recbole_argv, _torch_threads
+from recbole_mdcns.quick_start import _recbole_argv, _torch_threads, main
 
 
 def _quickstart(tmp_path: Path, tiny_data: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -54,9 +54,8 @@ def test_errors_still_surface(tiny_data, in_tmp):
     out = _quickstart(in_tmp, tiny_data)  # the preset's pool of 100 exceeds the tiny catalogue
     assert out.returncode != 0
     assert "ValueError: candidate_num must be in [1, 60]" in out.stderr
-    out = _quickstart(in_tmp, tiny_data, "--preset=nosuch")
-    assert out.returncode != 0
-    assert f"ValueError: preset must be one of {available_presets()}, got 'nosuch'" in out.stderr
+    with pytest.raises(ValueError, match=re.escape(f"preset must be one of {available_presets()}, got 'nosuch'")):
+        main(["--model=SASRec", "--preset", "nosuch"])
     with pytest.raises(ValueError, match=r"torch_threads must be an integer in \[1, inf\], got 0"):
         create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="uniform",
                                                               torch_threads=0))
