@@ -32,8 +32,16 @@ def packaged_yaml(name: str) -> str:
     return str(folder.joinpath(f"{name}.yaml"))
 
 
+def available_presets() -> list[str]:
+    """Names of the packaged presets (``config_yamls/presets/*.yaml``)."""
+    return sorted(path.stem for path in Path(packaged_yaml("presets/_")).parent.glob("*.yaml"))
+
+
 def preset_yaml(name: str) -> str:
-    """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``."""
+    """Path of ``config_yamls/presets/<name>.yaml``, a ready-made configuration to pass as ``--config_files``
+    (``python -m recbole_mdcns --preset NAME``); ``ValueError`` naming the presets for another name."""
+    if name not in available_presets():
+        raise ValueError(f"preset must be one of {available_presets()}, got {name!r}")
     return packaged_yaml(f"presets/{name}")
 
 
@@ -110,6 +118,8 @@ def validate(config: Config, user: dict) -> None:
     check_number(config, "candidate_num", 1, integer=True)
     check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     _check_positions(config)
+    if config["torch_threads"] is not None:
+        check_number(config, "torch_threads", 1, integer=True)
     check_number(config, "neg_num", 1, integer=True)
     if config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "

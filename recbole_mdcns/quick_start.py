@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from logging import getLogger
+from time import time
+from typing import Iterator
 
+import torch
+import yaml
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
-from recbole_mdcns.config import check_catalogue, create_config
+from recbole_mdcns.config import check_catalogue, create_config, preset_yaml, requested_sampler
 from recbole_mdcns.data import candidate_train_loader
 from recbole_mdcns.models import get_model
+from recbole_mdcns.quiet import dataset_output
+from recbole_mdcns.registry import get_sampler
+from recbole_mdcns.summary import summary_table
 from recbole_mdcns.trainer import NegSamplingTrainer
 
 
@@ -29,10 +37,11 @@ def _init_logger(config) -> None:
 def load_data(config) -> tuple:
     """RecBole's dataset and its train / valid / test loaders; with a sampler the train loader
     also draws candidate pools, after checking that the pool fits in the catalogue."""
-    dataset = create_dataset(config)
-    getLogger().info(dataset)
-    check_catalogue(config, dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    with dataset_output():  # pandas' FutureWarnings about RecBole's dataset code, nothing else
+        dataset = create_dataset(config)
+        getLogger().info(dataset)
+        check_catalogue(config, dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
     if config["neg_sampler"] != "recbole":
         train_data = candidate_train_loader(config, train_data)
     return dataset, train_data, valid_data, test_data
@@ -83,6 +92,23 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     or with ``neg_sampler: recbole``, RecBole's own trainer runs untouched.
     """
     config = create_config(model, dataset, config_file_list, config_dict)
+    with _torch_threads(config["torch_threads"]):
+        return _run(config, saved, queue)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the run (``None``: torch's setting), restored after it."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(config, saved: bool, queue) -> dict:
     init_seed(config["seed"], config["reproducibility"])
     _init_logger(config)
     logger = getLogger()
@@ -104,12 +130,79 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     return result
 
 
+# flags of ``python -m recbole_mdcns`` that RecBole's Config, which reads sys.argv itself, cannot parse
+_VALUE_FLAGS = ("--model", "-m", "--dataset", "-d", "--config_files", "--preset")
+
+
+def _recbole_argv(argv: list[str], files: list[str], drop_keys=()) -> list[str]:
+    """``argv`` as RecBole's ``Config`` (and a DDP child process, which re-runs it) should see it: this command's
+    own flags out (``--preset NAME`` resolved into ``--config_files=...``, ``--compare``), ``--key=value`` flags of
+    ``drop_keys`` out, everything else kept (RecBole still warns about arguments it cannot use)."""
+    kept, tokens = [], iter(argv)
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if token in _VALUE_FLAGS:
+            next(tokens, None)
+        elif name in ("--preset", "--config_files", "--compare") or name.lstrip("-") in drop_keys:
+            continue
+        else:
+            kept.append(token)
+    return kept + ([f"--config_files={' '.join(files)}"] if files else [])
+
+
+@contextlib.contextmanager
+def _sys_argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m recbole_mdcns``: RecBole's ``run_recbole.py`` flags plus ``--neg_sampler=NAME``."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    """``python -m recbole_mdcns``: RecBole's ``run_recbole.py`` flags plus ``--neg_sampler=NAME``,
+    ``--preset NAME`` (a packaged configuration, read before ``--config_files``, so those and ``--key=value``
+    flags override it) and ``--compare`` (then the same settings with ``neg_sampler: uniform``).
+    Ends with a summary table; returns the (first) run's result."""
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--model", "-m", type=str, default="BPR", help="name of models")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of datasets")
     parser.add_argument("--config_files", type=str, default=None, help="config files (space-separated)")
+    parser.add_argument("--preset", type=str, default=None,
+                        help="a packaged configuration, e.g. quickstart, read before --config_files")
+    parser.add_argument("--compare", action="store_true",
+                        help="afterwards run the same settings with neg_sampler=uniform, and compare")
+    argv = sys.argv[1:] if argv is None else argv
     args, _ = parser.parse_known_args(argv)
-    files = args.config_files.strip().split(" ") if args.config_files else None
-    return run_recbole(model=args.model, dataset=args.dataset, config_file_list=files)
+    files = [preset_yaml(args.preset)] if args.preset else []  # ValueError naming the presets
+    files += args.config_files.strip().split(" ") if args.config_files else []
+    runs = []
+    with _sys_argv(_recbole_argv(argv, files)):
+        if args.compare:
+            _check_single_process(create_config(args.model, args.dataset, files))
+        started = time()
+        result = run_recbole(model=args.model, dataset=args.dataset, config_file_list=files or None)
+        runs.append((requested_sampler(files) or "recbole", result, time() - started))
+    if args.compare:
+        uniform = _uniform_settings()
+        with _sys_argv(_recbole_argv(argv, files, drop_keys=uniform)):
+            started = time()
+            compared = run_recbole(model=args.model, dataset=args.dataset, config_file_list=files or None,
+                                   config_dict=uniform)
+            runs.append(("uniform", compared, time() - started))
+    getLogger().info(set_color("summary", "yellow") + f" ({args.model} on {args.dataset}; test: the best validation "
+                     "epoch's model; valid: at that epoch):\n" + summary_table(runs, args.model))
+    return result
+
+
+def _uniform_settings() -> dict:
+    """``neg_sampler: uniform`` with its own defaults, which override a preset's ``candidate_num`` / ``top_m``."""
+    with open(get_sampler("uniform").config_file) as f:
+        return {"neg_sampler": "uniform", **(yaml.safe_load(f) or {})}
+
+
+def _check_single_process(config) -> None:
+    if str(config["devices"]) != "1" or config["num_nodes"] != 1:
+        raise ValueError(f"--compare runs one process after another: it needs devices: 1 and num_nodes: 1, got "
+                         f"devices: {config['devices']}, num_nodes: {config['num_nodes']}")

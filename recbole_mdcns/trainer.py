@@ -28,6 +28,8 @@ from recbole_mdcns.full_sequence import (
     user_sequences,
 )
 from recbole_mdcns.lightning_module import NegativeSamplingModule
+from recbole_mdcns.progress import RecBoleProgressBar
+from recbole_mdcns.quiet import lightning_output
 from recbole_mdcns.registry import get_sampler
 
 
@@ -128,10 +130,11 @@ class RecBoleEpochEnd(pl.Callback):
     model saved in RecBole's format."""
 
     def __init__(self, trainer: "NegSamplingTrainer", train_data, valid_data, verbose: bool,
-                 saved: bool, callback_fn=None) -> None:
+                 saved: bool, callback_fn=None, show_progress: bool = False) -> None:
         self.rb = trainer
         self.train_data, self.valid_data = train_data, valid_data
         self.verbose, self.saved, self.callback_fn = verbose, saved, callback_fn
+        self.show_progress = show_progress
         self.started = 0.0
 
     def _epoch_seed(self, trainer: pl.Trainer) -> int:
@@ -166,7 +169,7 @@ class RecBoleEpochEnd(pl.Callback):
         if (epoch + 1) % rb.eval_step:
             return
         valid_start = time()
-        score, result = rb._valid_epoch(self.valid_data)
+        score, result = rb._valid_epoch(self.valid_data, show_progress=self.show_progress)
         rb.best_valid_score, rb.cur_step, stop, update = early_stopping(
             score, rb.best_valid_score, rb.cur_step, max_step=rb.stopping_step, bigger=rb.valid_metric_bigger
         )
@@ -254,7 +257,7 @@ class NegSamplingTrainer(Trainer):
     def build_module(self) -> NegativeSamplingModule:
         return get_sampler(self.config["neg_sampler"]).cls(self.model, self.optimizer, self.config)
 
-    def _lightning_trainer(self, callbacks: list[pl.Callback], show_progress: bool) -> pl.Trainer:
+    def _lightning_trainer(self, callbacks: list[pl.Callback]) -> pl.Trainer:
         config = self.config
         clip = config["clip_grad_norm"] or {}
         return pl.Trainer(
@@ -266,7 +269,7 @@ class NegSamplingTrainer(Trainer):
             precision=config["precision"],
             callbacks=callbacks,
             logger=False,
-            enable_progress_bar=bool(show_progress),
+            enable_progress_bar=False,  # RecBoleProgressBar draws RecBole's bar
             enable_model_summary=False,
             use_distributed_sampler=False,
             num_sanity_val_steps=0,
@@ -277,12 +280,14 @@ class NegSamplingTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.eval_collector.data_collect(train_data)
         module = self.module = self.build_module()
-        callbacks: list[pl.Callback] = [RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn)]
+        callbacks: list[pl.Callback] = [RecBoleProgressBar()] if show_progress else []  # closed before the log lines
+        callbacks.append(RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn, show_progress))
         if saved:
             callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0))
-        lit = self.lightning_trainer = self._lightning_trainer(callbacks, show_progress)
         self.datamodule = RecBoleTrainData(train_data, self.config["seed"])
-        lit.fit(module, datamodule=self.datamodule, ckpt_path=self.config["resume_from"])
+        with lightning_output():  # Lightning's log lines through RecBole's logger, its harmless warnings ignored
+            lit = self.lightning_trainer = self._lightning_trainer(callbacks)
+            lit.fit(module, datamodule=self.datamodule, ckpt_path=self.config["resume_from"])
         module.to(self.device)  # Lightning's teardown leaves the model on the CPU; evaluate where we trained
         self.saved_model_file = lit.strategy.broadcast(self.saved_model_file, src=0)
         if lit.is_global_zero:

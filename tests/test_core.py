@@ -219,6 +219,7 @@ def test_cli_matches_recbole_quick_start_output(tiny_data, in_tmp):
     for line in ("epoch 0 training", "epoch 0 evaluating", "best valid", "test result",
                  "scoring SASRec: dot-product"):
         assert line in log
+    assert "Train     0:" not in log and "Evaluate   :" not in log  # show_progress: False, no bars
 
 
 def test_ddp_two_cpu_processes_train_and_only_rank_zero_writes(tiny_data, in_tmp):
