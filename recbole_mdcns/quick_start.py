@@ -16,8 +16,9 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
-from recbole_mdcns.config import check_catalogue, create_config, preset_yaml, requested_sampler
+from recbole_mdcns.config import check_catalogue, create_config, preset_yaml
 from recbole_mdcns.data import candidate_train_loader
+from recbole_mdcns.recbole_keys import user_settings
 from recbole_mdcns.models import get_model
 from recbole_mdcns.quiet import dataset_output
 from recbole_mdcns.registry import get_sampler
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
             _check_single_process(create_config(args.model, args.dataset, files))
         started = time()
         result = run_recbole(model=args.model, dataset=args.dataset, config_file_list=files or None)
-        runs.append((requested_sampler(files) or "recbole", result, time() - started))
+        runs.append((user_settings(files).get("neg_sampler") or "recbole", result, time() - started))
     if args.compare:
         uniform = _uniform_settings()
         with _sys_argv(_recbole_argv(argv, files, drop_keys=uniform)):
