@@ -122,12 +122,14 @@ class NegativeSamplingModule(pl.LightningModule):
         return record
 
     def on_train_epoch_end(self) -> None:
-        record = self.negative_report(self.current_epoch)
+        self.log_epoch(self.negative_report(self.current_epoch), f"epoch {self.current_epoch}")
+
+    def log_epoch(self, record: dict, headline: str) -> None:
+        """Rank 0 logs ``headline`` (the epoch and a method's own figures), then the epoch's negatives."""
         if self._trainer is None or self.trainer.is_global_zero:
             getLogger().info(
-                f"epoch {record['epoch']} negatives: mean pairwise cosine distance "
-                f"{record['mean_pairwise_cosine_distance']:.4f}, catalogue used {record['catalogue_fraction']:.1%} "
-                f"(ever {record['catalogue_fraction_ever']:.1%})")
+                f"{headline}; negatives: mean pairwise cosine distance {record['mean_pairwise_cosine_distance']:.4f}, "
+                f"catalogue used {record['catalogue_fraction']:.1%} (ever {record['catalogue_fraction_ever']:.1%})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["negatives"] = {"counts": self.negative_counts.clone().cpu(),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config, write_dataset
+from conftest import tiny_config
 from recbole.data import create_dataset, data_preparation
 
 import recbole_mdcns

@@ -53,7 +53,6 @@ exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
-from logging import getLogger
 
 import torch
 import torch.nn.functional as F
@@ -225,12 +224,9 @@ class AdaSIRModule(NegativeSamplingModule):
                        "weight_effective_sample_fraction": ess / max(rows, 1)})
         self.updates.zero_()
         self.weight_ess, self.rows = 0.0, 0
-        if self._trainer is None or self.trainer.is_global_zero:
-            getLogger().info(
-                f"adasir epoch {record['epoch']}: pools for {record['pool_users']} users; importance weights' "
-                f"effective sample size {record['weight_effective_sample_fraction']:.1%} of {self.num_neg}; "
-                f"negatives: mean pairwise cosine distance {record['mean_pairwise_cosine_distance']:.4f}, "
-                f"catalogue used {record['catalogue_fraction']:.1%} (ever {record['catalogue_fraction_ever']:.1%})")
+        self.log_epoch(record, f"adasir epoch {record['epoch']}: pools for {record['pool_users']} users; importance "
+                               f"weights' effective sample size {record['weight_effective_sample_fraction']:.1%} "
+                               f"of {self.num_neg}")
 
     # ---- checkpoint
 

@@ -715,14 +715,9 @@ class DivNSModule(DNSModule):
         self.hard.clear()
         self.synthetic_rows = self.rows = 0
         record["refresh_seconds"] = perf_counter() - started
-        if self._trainer is None or self.trainer.is_global_zero:
-            getLogger().info(
-                f"divns epoch {epoch}: refresh {record['refresh_seconds']:.2f}s; D_u for {record['diverse_users']} "
-                f"users (mean k {record['diverse_mean_size']:.1f}); synthetic rows "
-                f"{record['synthetic_row_fraction']:.1%}; negatives: mean pairwise cosine distance "
-                f"{record['mean_pairwise_cosine_distance']:.4f}, catalogue used {record['catalogue_fraction']:.1%} "
-                f"(ever {record['catalogue_fraction_ever']:.1%})"
-            )
+        self.log_epoch(record, f"divns epoch {epoch}: refresh {record['refresh_seconds']:.2f}s; D_u for "
+                               f"{record['diverse_users']} users (mean k {record['diverse_mean_size']:.1f}); synthetic "
+                               f"rows {record['synthetic_row_fraction']:.1%}")
         return record
 
     def _epoch_seed(self, epoch: int) -> int:

@@ -237,12 +237,8 @@ class GNNOModule(NegativeSamplingModule):
         record.update({"hardness_threshold": threshold,
                        "graph_negative_fraction": float(slots[1] / slots[0]) if slots[0] > 0 else 0.0})
         self.hard_slots = self.graph_slots = 0
-        if self._trainer is None or self.trainer.is_global_zero:
-            getLogger().info(
-                f"gnno epoch {record['epoch']}: hardness threshold {threshold}; hard slots filled from the graph "
-                f"{record['graph_negative_fraction']:.1%}; negatives: mean pairwise cosine distance "
-                f"{record['mean_pairwise_cosine_distance']:.4f}, catalogue used {record['catalogue_fraction']:.1%} "
-                f"(ever {record['catalogue_fraction_ever']:.1%})")
+        self.log_epoch(record, f"gnno epoch {record['epoch']}: hardness threshold {threshold}; hard slots filled "
+                               f"from the graph {record['graph_negative_fraction']:.1%}")
 
 
 register_sampler("gnno", GNNOModule, config_file=packaged_yaml("gnno"))

@@ -55,7 +55,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-from logging import getLogger
 
 import torch
 from recbole.data.interaction import Interaction
@@ -293,13 +292,9 @@ class SRNSModule(NegativeSamplingModule):
                        "memory_with_history_fraction": float((std > 0).float().mean()) if len(std) else 0.0,
                        "alpha": warm_alpha(self.alpha, epoch, self.warmup)})
         self.rows = self.variance_picks = 0
-        if self._trainer is None or self.trainer.is_global_zero:
-            getLogger().info(
-                f"srns epoch {epoch}: alpha_e {record['alpha']:.3g}; the variance changed "
-                f"{record['variance_pick_fraction']:.1%} of the picks; memory items with a std "
-                f"{record['memory_with_history_fraction']:.1%}, mean std {record['memory_std_mean']:.4f}; "
-                f"negatives: mean pairwise cosine distance {record['mean_pairwise_cosine_distance']:.4f}, "
-                f"catalogue used {record['catalogue_fraction']:.1%} (ever {record['catalogue_fraction_ever']:.1%})")
+        self.log_epoch(record, f"srns epoch {epoch}: alpha_e {record['alpha']:.3g}; the variance changed "
+                               f"{record['variance_pick_fraction']:.1%} of the picks; memory items with a std "
+                               f"{record['memory_with_history_fraction']:.1%}, mean std {record['memory_std_mean']:.4f}")
 
     # ---- checkpoint
 
