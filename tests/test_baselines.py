@@ -23,12 +23,15 @@ import recbole_mdcns
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.losses import LOSSES, bpr_loss
+from recbole_mdcns.methods import dens
 from recbole_mdcns.methods.ahns import AdaptiveHardnessNegative, AHNSModule, ahns_target
 from recbole_mdcns.methods.dens import (
     DENSModule,
     DisentangleGates,
     contrastive_loss,
     factor_aware_scores,
+    pool_selection_scores,
+    pool_table,
     relevance_weight,
 )
 from recbole_mdcns.methods.mixgcf import MixGCFModule, MixGCFNegative, positive_mixing
@@ -178,6 +181,51 @@ def test_dens_module_picks_by_factor_aware_score_and_trains_the_gates(tiny_data,
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.gates.parameters())
     assert model.item_embedding.weight.grad.abs().sum() > 0
+
+
+def test_dens_fast_selection_equals_the_straightforward_gates(tiny_data, tmp_path, monkeypatch):
+    """The selection's gates over the catalogue (or the pool's distinct items), in row chunks, give the
+    scores and picks of the straightforward ``[R, N, d]`` gates; the loss and its gradients are those of the
+    straightforward module."""
+    monkeypatch.setattr(dens, "SELECTION_CHUNK_ELEMENTS", 3 * 15 * 64)  # several chunks of 3 rows
+    config, model, batch = _setup(tiny_data, tmp_path, neg_sampler="dens", candidate_num=15, dens_warmup=2)
+    module = DENSModule(model, torch.optim.Adam(model.parameters()), config)
+    scorer = module.scorer_for("self", model, batch)
+    candidates, emb = batch[CANDIDATES], model.item_embedding
+    assert len(candidates) > 3 and candidates.numel() >= model.n_items  # this batch: the catalogue table
+    with torch.no_grad():
+        h, e_pos, e_pool = _encode(model, batch), emb(batch[model.POS_ITEM_ID]), emb(candidates)
+        pos_r = module.gates.positive(h, e_pos)
+        distinct, inverse = candidates.unique(return_inverse=True)
+        for weight in (0.0, 0.5, 1.0):
+            straight = factor_aware_scores(h, e_pool, module.gates.negative(e_pool, pos_r), weight)
+            for vectors, index in (pool_table(scorer, model, candidates), (emb(distinct), inverse)):
+                fast = pool_selection_scores(module.gates, h, pos_r, vectors, index, weight)
+                assert torch.allclose(fast, straight, atol=1e-5)
+                assert torch.equal(fast.topk(2, dim=1).indices, straight.topk(2, dim=1).indices)
+        few = candidates[:2, :3]  # fewer pool entries than items: the pool's distinct items
+        vectors, index = pool_table(scorer, model, few)
+        assert len(vectors) == len(few.unique()) and torch.equal(vectors[index], emb(few))
+
+    loss = module.training_loss(batch)  # epoch 0 of a 2-epoch warm-up: w = 0
+    loss.backward()
+    params = [*model.parameters(), *module.gates.parameters()]
+    fast_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    h, e_pos = _encode(model, batch), emb(batch[model.POS_ITEM_ID])  # the straightforward module
+    pos_r = module.gates.positive(h, e_pos)
+    with torch.no_grad():
+        e_pool = emb(candidates)
+        pick = factor_aware_scores(h, e_pool, module.gates.negative(e_pool, pos_r), 0.0).argmax(1, keepdim=True)
+    e_neg = emb(candidates.gather(1, pick))
+    expected = bpr_loss((h * e_pos).sum(1), torch.einsum("bd,bkd->bk", h, e_neg)) + config["dens_gamma"] * \
+        contrastive_loss(h, e_pos, pos_r, e_neg, module.gates.negative(e_neg, pos_r))
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for p, fast_grad in zip(params, fast_grads):
+        assert torch.allclose(fast_grad, p.grad, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in fast_grads[-8:])  # the gates train
 
 
 def test_dens_without_contrast_freezes_the_gates_and_refuses_non_linear_scorers(tiny_data, tmp_path):
