@@ -105,17 +105,19 @@ def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant
     (:data:`SELECTION_CHUNK_ELEMENTS`; one chunk on a GPU)."""
     item_part = gates.neg_gate(vectors)
     row_part = gates.pos_gate(pos_relevant)
-    rows = len(index) if h.is_cuda else max(1, SELECTION_CHUNK_ELEMENTS // max(1, index[0].numel() * h.shape[-1]))
+    dim = vectors.shape[-1]
+    rows = len(index) if h.is_cuda else max(1, SELECTION_CHUNK_ELEMENTS // (index.shape[1] * dim))
     scores = h.new_empty(index.shape)
+    gate_buffer, vector_buffer = (h.new_empty(min(rows, len(index)) * index.shape[1], dim) for _ in range(2))
     for start in range(0, len(index), rows):
         chunk = slice(start, start + rows)
         ids = index[chunk].reshape(-1)
-        shape = (*index[chunk].shape, vectors.shape[-1])
-        gate = item_part.index_select(0, ids).view(shape)
+        shape = (*index[chunk].shape, dim)
+        gate = torch.index_select(item_part, 0, ids, out=gate_buffer[:len(ids)]).view(shape)
         gate.add_(row_part[chunk].unsqueeze(1)).sigmoid_().sub_(1.0 - weight)
-        gate.mul_(vectors.index_select(0, ids).view(shape))
-        scores[chunk] = torch.bmm(gate, h[chunk].unsqueeze(-1)).squeeze(-1).neg_()
-    return scores
+        gate.mul_(torch.index_select(vectors, 0, ids, out=vector_buffer[:len(ids)]).view(shape))
+        torch.bmm(gate, h[chunk].unsqueeze(-1), out=scores[chunk].unsqueeze(-1))
+    return scores.neg_()
 
 
 def pool_table(scorer, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
