@@ -101,10 +101,12 @@ def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant
     The negative gate's pre-activation ``W_n e_n + W_p e_p^r`` splits into an item
     part, computed once per row of ``vectors`` (``M d^2`` multiply-adds instead of ``R N d^2``), and a row
     part ``W_p e_p^r``, once per row; the score is ``h . ((1 - w) e_n - g_n e_n)
-    = -h . ((g_n - (1 - w)) e_n)``, the sigmoid and products elementwise over row chunks
+    = -h . ((g_n - (1 - w)) e_n)`` (``h . (sigmoid(-x) e_n)`` at ``w = 0``, ``-h . (g_n e_n)`` at ``w = 1``),
+    the sigmoid and products elementwise over row chunks
     (:data:`SELECTION_CHUNK_ELEMENTS`; one chunk on a GPU)."""
-    item_part = gates.neg_gate(vectors)
-    row_part = gates.pos_gate(pos_relevant)
+    item_part, row_part, sign = gates.neg_gate(vectors), gates.pos_gate(pos_relevant), -1.0
+    if weight == 0.0:  # g - 1 = -sigmoid(-x): the score is h . (sigmoid(-x) e_n), one elementwise pass fewer
+        item_part, row_part, sign = item_part.neg_(), row_part.neg_(), 1.0
     dim = vectors.shape[-1]
     rows = len(index) if h.is_cuda else max(1, SELECTION_CHUNK_ELEMENTS // (index.shape[1] * dim))
     scores = h.new_empty(index.shape)
@@ -114,10 +116,12 @@ def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant
         ids = index[chunk].reshape(-1)
         shape = (*index[chunk].shape, dim)
         gate = torch.index_select(item_part, 0, ids, out=gate_buffer[:len(ids)]).view(shape)
-        gate.add_(row_part[chunk].unsqueeze(1)).sigmoid_().sub_(1.0 - weight)
+        gate.add_(row_part[chunk].unsqueeze(1)).sigmoid_()
+        if 0.0 < weight < 1.0:
+            gate.sub_(1.0 - weight)
         gate.mul_(torch.index_select(vectors, 0, ids, out=vector_buffer[:len(ids)]).view(shape))
         torch.bmm(gate, h[chunk].unsqueeze(-1), out=scores[chunk].unsqueeze(-1))
-    return scores.neg_()
+    return scores.mul_(sign)
 
 
 def pool_table(scorer, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
