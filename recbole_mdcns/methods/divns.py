@@ -467,6 +467,13 @@ def synthesis_is_exact(scorer: Scorer) -> bool:
     return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score)
 
 
+def describe_synthesis(scorer: Scorer, items: str) -> str:
+    """For the log: whether mixing the scores of two ``items`` is the score of their mixed item vector."""
+    if synthesis_is_exact(scorer):
+        return "exact: the score of the mixed item vector"
+    return f"fallback: the mix of the two {items}' scores, not the score of a mixed embedding"
+
+
 def distinct_slots(users: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
     """One slot per row, rows of one user taking different slots where possible (``divns_pairing: distinct``).
 
@@ -649,10 +656,8 @@ class DivNSModule(DNSModule):
         scorer = self.scorer_for("self", model, batch)
         if not self._synthesis_logged:
             self._synthesis_logged = True
-            how = ("exact: the score of the mixed item vector" if synthesis_is_exact(scorer) else
-                   "fallback: the mix of the two negatives' scores, not the score of a mixed embedding")
             getLogger().info(f"divns: {type(model).__name__} via {scorer.path}; synthetic negative's score "
-                             f"lam*s(v_H) + (1-lam)*s(v_D) is {how}")
+                             f"lam*s(v_H) + (1-lam)*s(v_D) is {describe_synthesis(scorer, 'negatives')}")
         h = scorer.encode(model, batch)
         with torch.no_grad():
             hard_pos, runner_pos = hard_and_runner_ups(scorer.score(model, batch, h, candidates), self.cache_ratio)

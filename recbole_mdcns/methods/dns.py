@@ -73,6 +73,13 @@ class PoolDrawModule(NegativeSamplingModule):
         return self.loss_fn(scores[:, 0], scores[:, 1:])
 
 
+def check_neg_num_within_top_m(config, why: str) -> None:
+    """``neg_num <= top_m`` for samplers whose K negatives are distinct draws from the top-M; ``why`` says so."""
+    if config["neg_num"] > config["top_m"]:
+        raise ValueError(f"neg_num must be <= top_m for neg_sampler={config['neg_sampler']} ({why}), got "
+                         f"neg_num={config['neg_num']}, top_m={config['top_m']}")
+
+
 class DNSModule(NegativeSamplingModule):
     """``dns``: score the pool, train on ``neg_num`` distinct candidates drawn from its top-M.
 
@@ -87,10 +94,7 @@ class DNSModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["neg_num"] > config["top_m"]:
-            raise ValueError(f"neg_num must be <= top_m for neg_sampler={config['neg_sampler']} (its neg_num "
-                             f"negatives are distinct draws from the top_m scored candidates), got "
-                             f"neg_num={config['neg_num']}, top_m={config['top_m']}")
+        check_neg_num_within_top_m(config, "its neg_num negatives are distinct draws from the top_m scored candidates")
 
     def training_loss(self, batch: Interaction) -> torch.Tensor:
         candidates = batch[CANDIDATES]

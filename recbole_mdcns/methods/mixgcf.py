@@ -37,7 +37,8 @@ from recbole.data.interaction import Interaction
 from recbole_mdcns.config import packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
-from recbole_mdcns.methods.divns import synthesis_is_exact
+from recbole_mdcns.methods.divns import describe_synthesis
+from recbole_mdcns.methods.dns import check_neg_num_within_top_m
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.strategies import TopMNegative
 
@@ -74,10 +75,7 @@ class MixGCFModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["neg_num"] > config["top_m"]:
-            raise ValueError(f"neg_num must be <= top_m for neg_sampler=mixgcf (its neg_num negatives mix distinct "
-                             f"candidates drawn from the top_m), got neg_num={config['neg_num']}, "
-                             f"top_m={config['top_m']}")
+        check_neg_num_within_top_m(config, "its neg_num negatives mix distinct candidates drawn from the top_m")
 
     def training_loss(self, batch: Interaction) -> torch.Tensor:
         model = self.model
@@ -86,10 +84,8 @@ class MixGCFModule(NegativeSamplingModule):
         scorer = self.scorer_for("self", model, batch)
         if not self._mix_logged:
             self._mix_logged = True
-            how = ("exact: the score of the mixed item vector" if synthesis_is_exact(scorer) else
-                   "fallback: the mix of the two items' scores, not the score of a mixed embedding")
             getLogger().info(f"mixgcf: {type(model).__name__} via {scorer.path}; the synthetic negative's score "
-                             f"alpha*s(v+) + (1-alpha)*s(c) is {how}")
+                             f"alpha*s(v+) + (1-alpha)*s(c) is {describe_synthesis(scorer, 'items')}")
         h = scorer.encode(model, batch)
         alpha = torch.rand(len(candidates), self.neg_num, device=candidates.device)  # alpha ~ U(0, 1)
         with torch.no_grad():
