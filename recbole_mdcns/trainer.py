@@ -243,6 +243,8 @@ class NegSamplingTrainer(Trainer):
     ``evaluate`` is RecBole's full-sort evaluation of the (self) model, sharded across DDP processes."""
 
     def __init__(self, config, model) -> None:
+        # RecBole's ensure_dir checks, then creates: two DDP processes racing there fail
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
         with _writers_on_rank_zero():
             super().__init__(config, model)
         self.eval_collector = GatheringCollector(config)
