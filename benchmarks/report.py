@@ -189,10 +189,10 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
-def _bar_panel(ax, rows: list[Row], title: str) -> None:
-    """Horizontal bars, one per sampler (top to bottom in table order), mean ± std over seeds,
-    each labelled with its value and seed count; the best baseline's mean as a dashed line."""
-    stats = [row.metric(PLOT_METRIC) for row in rows]
+def _bar_panel(ax, rows: list[Row], title: str, metric: str = PLOT_METRIC, split: str = "test") -> None:
+    """Horizontal bars, one per sampler (top to bottom in table order), ``split``'s ``metric`` as mean ± std
+    over seeds, each labelled with its value and seed count; the best baseline's mean as a dashed line."""
+    stats = [row.metric(metric, split) for row in rows]
     means = [s[0] or 0.0 for s in stats]
     errs = [s[1] or 0.0 for s in stats]
     y = list(range(len(rows)))
@@ -209,7 +209,7 @@ def _bar_panel(ax, rows: list[Row], title: str) -> None:
     if best is not None:
         ax.axvline(best, color="tab:gray", linestyle="--", linewidth=1)
     ax.set_xlim(0, right * 1.65)
-    ax.set_xlabel(f"test {PLOT_METRIC.upper()} (mean ± std over seeds)")
+    ax.set_xlabel(f"{split} {metric.upper()} (mean ± std over seeds)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
 

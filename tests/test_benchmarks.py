@@ -135,3 +135,48 @@ def test_parallel_runs_each_cell_once(tmp_path, monkeypatch):
     assert sorted(r["cell"]["sampler"] for r in records) == ["dns-10", "uniform"]
     assert all(r["status"] == "ok" for r in records)
     assert parallel.main(common) == {}  # every cell done
+
+
+def test_converged_protocol_chooses_on_validation_and_orders_the_work(tmp_path):
+    """benchmarks.converged: a family's setting is its best validation cell (not its best test cell), an
+    ablation is the cell equal to the parent's choice but for the removed keys, paired differences are
+    per seed, and the runnable cells come in priority order (tuning, then seeds)."""
+    from benchmarks import converged
+
+    grid = {"name": "protocol", "results": str(tmp_path / "r.jsonl"), "config": {"epochs": 100, "stopping_step": 5},
+            "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec"],
+            "samplers": {"u": {"neg_sampler": "uniform"}, "d1": {"neg_sampler": "dns", "top_m": 1},
+                         "d3": {"neg_sampler": "dns", "top_m": 3},
+                         "m-g1": {"neg_sampler": "mdcns", "mdcns_gamma": 1, "mdcns_tau": 5},
+                         "m-g1-nd": {"neg_sampler": "mdcns", "mdcns_gamma": 1, "mdcns_mu": 0}},
+            "selection": {"seeds": [2020, 2021], "priority": ["MDCNS", "RNS"],
+                          "families": [{"name": "RNS", "role": "baseline", "members": ["u"]},
+                                       {"name": "DNS+", "role": "baseline", "members": ["d1", "d3"]},
+                                       {"name": "MDCNS", "members": ["m-g1"]},
+                                       {"name": "w/o distillation", "ablation_of": "MDCNS",
+                                        "differs_in": ["mdcns_mu", "mdcns_tau"], "members": ["m-g1-nd"]}],
+                          "claims": [["MDCNS", "DNS+"]]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    cells = {(c.sampler, c.seed): c for c in run.load_grid(path, seeds=[2020, 2021])}
+
+    def record(label, seed, valid, test):
+        return {"key": cells[(label, seed)].key, "status": "ok", "best_epoch": 3, "epochs": 9,
+                "valid": {"ndcg@10": valid}, "test": {"ndcg@10": test, "recall@10": test}}
+
+    records = [record("u", 2020, 0.20, 0.20), record("d1", 2020, 0.10, 0.90), record("d3", 2020, 0.30, 0.10)]
+    evidence, = converged.build(str(path), {r["key"]: r for r in records})
+    families = evidence.families
+    assert families["DNS+"].chosen == "d3"  # validation 0.30 beats 0.10, whatever the test metric says
+    assert families["MDCNS"].chosen is None and families["w/o distillation"].chosen is None
+    # MDCNS's tuning comes first (priority), then the chosen baselines' remaining seed; the ablation waits
+    assert converged.next_cells(evidence) == [("m-g1", 2020), ("u", 2021), ("d3", 2021)]
+
+    records += [record("m-g1", 2020, 0.40, 0.30), record("m-g1", 2021, 0.40, 0.05), record("d3", 2021, 0.30, 0.15)]
+    evidence, = converged.build(str(path), {r["key"]: r for r in records})
+    assert evidence.families["w/o distillation"].chosen == "m-g1-nd"  # the same but for mu (and tau)
+    assert converged.next_cells(evidence)[:2] == [("u", 2021), ("m-g1-nd", 2020)]
+    diffs, seeds = converged.paired(evidence.families["MDCNS"], evidence.families["DNS+"], "ndcg@10")
+    assert seeds == [2020, 2021] and [round(d, 4) for d in diffs] == [0.2, -0.1]
+    text = "\n".join(converged.render_dataset(evidence))
+    assert "| MDCNS > DNS+ | 2020: +0.2000, 2021: -0.1000 | +0.0500 ± 0.2121 (1/2 seeds > 0) | mixed |" in text

@@ -1,0 +1,365 @@
+"""The converged evidence of issue 13: choose each method's setting on validation, then compare 3 seeds.
+
+    python -m benchmarks.converged --grid benchmarks/grids/converged_lastfm.yaml \
+        --grid benchmarks/grids/converged_ml100k.yaml --out benchmarks/CONVERGED.md
+
+A grid's ``selection:`` section declares the protocol (the grids' headers describe it):
+
+* ``families`` -- each paper method and the grid labels that may stand for it. A family's setting is
+  the member with the best validation ``metric`` on ``tuning_seed`` (never a test metric). An
+  ablation family (``ablation_of: F``) is not chosen: its member is the one whose settings equal F's
+  chosen setting except in the keys it lists under ``differs_in`` (the removed component's keys).
+* ``claims`` -- ``[A, B]`` pairs, "A beats B": per-seed paired differences of the test metric over the
+  seeds both have, their mean ± std and on how many seeds A is ahead.
+* ``priority`` -- the order in which ``--run`` works through the families (default: as listed).
+
+``--run`` drives the grid through the protocol, one cell at a time, resumable: it re-reads the
+results after every cell and runs the first runnable one -- for each family in priority order, its
+tuning cells, then (once chosen) its remaining seeds; an ablation waits for its parent's choice.
+A cell that fails is not retried in the same invocation.
+
+Records are matched to labels by cell key (a hash of the full config), so a record counts only
+while the grid still describes the run that made it. The report lists, per dataset: every tuning
+cell (validation, test, best epoch, epochs run; MDCNS's peer and self+peer ensemble validation at
+the self model's best epoch), each family's choice, the chosen settings over seeds with their paired
+difference against the best baseline (the baseline family with the best mean validation), the
+claims, and the ``benchmarks.run`` commands for the seeds still missing. One figure per dataset:
+``<plots>/converged_<dataset>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import REPO_ROOT, command_line
+from benchmarks.report import Row, _bar_panel, _fmt, _mean_std, _save, _slug, load
+from benchmarks.run import load_grid
+
+DEFAULTS = {"metric": "ndcg@10", "tuning_seed": 2020, "seeds": [2020, 2021, 2022]}
+
+
+@dataclass
+class Family:
+    """One paper method on one dataset: its candidate labels and, once chosen, its label and records."""
+
+    name: str
+    role: str
+    members: list[str]
+    ablation_of: str | None = None
+    differs_in: list[str] = field(default_factory=list)
+    chosen: str | None = None
+    why: str = ""
+    records: dict[int, dict] = field(default_factory=dict)  # seed -> record
+
+    def values(self, metric: str, split: str = "test") -> dict[int, float]:
+        return {seed: r[split][metric] for seed, r in self.records.items() if (r.get(split) or {}).get(metric)
+                is not None}
+
+
+@dataclass
+class Evidence:
+    """One dataset of one grid: its cells by (label, seed), families, claims."""
+
+    grid: str
+    dataset: str
+    metric: str
+    tuning_seed: int
+    seeds: list[int]
+    configs: dict[str, dict]  # label -> cell config (tuning seed)
+    records: dict[tuple[str, int], dict]  # (label, seed) -> ok record
+    families: "OrderedDict[str, Family]"
+    claims: list[tuple[str, str]]
+    priority: list[str] = field(default_factory=list)
+    cap: int = 0
+    patience: int = 0
+
+    def valid(self, label: str, seed: int | None = None) -> float | None:
+        record = self.records.get((label, self.tuning_seed if seed is None else seed))
+        return ((record or {}).get("valid") or {}).get(self.metric)
+
+
+def _label_seed_records(cells, records_by_key) -> dict[tuple[str, int], dict]:
+    return {(c.sampler, c.seed): records_by_key[c.key] for c in cells if c.key in records_by_key}
+
+
+def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
+    """The evidence of every dataset of one grid file, families chosen on validation."""
+    raw = yaml.safe_load(Path(grid_path).read_text()) or {}
+    spec = {**DEFAULTS, **(raw.get("selection") or {})}
+    if not spec.get("families"):
+        raise ValueError(f"{grid_path}: no selection.families -- nothing to choose")
+    cells = load_grid(grid_path, seeds=sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])}))
+    labels = {c.sampler for c in cells}
+    out = []
+    for dataset in OrderedDict.fromkeys(c.dataset_label for c in cells):
+        mine = [c for c in cells if c.dataset_label == dataset]
+        configs = {c.sampler: c.config for c in mine if c.seed == int(spec["tuning_seed"])}
+        evidence = Evidence(grid=raw.get("name", Path(grid_path).stem), dataset=dataset, metric=spec["metric"],
+                            tuning_seed=int(spec["tuning_seed"]), seeds=[int(s) for s in spec["seeds"]],
+                            configs=configs, records=_label_seed_records(mine, records_by_key),
+                            families=OrderedDict(), claims=[tuple(pair) for pair in spec.get("claims") or []],
+                            priority=list(spec.get("priority") or []),
+                            cap=int(next(iter(configs.values())).get("epochs", 0)),
+                            patience=int(next(iter(configs.values())).get("stopping_step", 0)))
+        for entry in spec["families"]:
+            unknown = [m for m in entry["members"] if m not in labels]
+            if unknown:
+                raise ValueError(f"{grid_path}: family {entry['name']!r} names labels the grid lacks: {unknown}")
+            evidence.families[entry["name"]] = Family(
+                name=entry["name"], role=entry.get("role", "proposed"), members=list(entry["members"]),
+                ablation_of=entry.get("ablation_of"), differs_in=list(entry.get("differs_in") or []))
+        unknown = [name for name in evidence.priority + [n for pair in evidence.claims for n in pair]
+                   if name not in evidence.families]
+        if unknown:
+            raise ValueError(f"{grid_path}: selection names families it does not define: {unknown}")
+        for family in evidence.families.values():
+            _choose(evidence, family)
+        out.append(evidence)
+    return out
+
+
+def _same_except(a: dict, b: dict, keys: list[str]) -> bool:
+    ignored = set(keys)
+    return all(a.get(k) == b.get(k) for k in (set(a) | set(b)) - ignored)
+
+
+def _choose(evidence: Evidence, family: Family) -> None:
+    if family.ablation_of:
+        parent = evidence.families[family.ablation_of]
+        if parent.chosen is None:
+            family.why = f"waits for {parent.name}'s choice"
+            return
+        base = evidence.configs[parent.chosen]
+        matches = [m for m in family.members if _same_except(evidence.configs[m], base, family.differs_in)]
+        if not matches:
+            family.why = (f"no cell equals {parent.chosen} except in {', '.join(family.differs_in)}: "
+                          f"add one to the grid")
+            return
+        family.chosen, family.why = matches[0], f"{parent.chosen} without its component"
+    else:
+        scored = [(evidence.valid(m), m) for m in family.members]
+        done = [(v, m) for v, m in scored if v is not None]
+        if len(done) < len(scored):
+            missing = [m for v, m in scored if v is None]
+            family.why = f"tuning cells still to run: {', '.join(missing)}"
+            return
+        value, family.chosen = max(done, key=lambda vm: vm[0])
+        family.why = (f"best validation of {len(done)}" if len(done) > 1 else "one setting")
+    family.records = {seed: evidence.records[(family.chosen, seed)] for seed in evidence.seeds
+                      if (family.chosen, seed) in evidence.records}
+
+
+def _at_best(record: dict, view: str, metric: str) -> float | None:
+    """``view``'s ('peer' / 'ensemble') validation metric at the self model's best epoch."""
+    for entry in record.get("extra_valid_results") or []:
+        if entry.get("epoch") == record.get("best_epoch"):
+            return (entry.get(view) or {}).get(metric)
+    return None
+
+
+def paired(a: Family, b: Family, metric: str) -> tuple[list[float], list[int]]:
+    """Per-seed differences ``a - b`` of the test ``metric`` over the seeds both have."""
+    va, vb = a.values(metric), b.values(metric)
+    seeds = sorted(set(va) & set(vb))
+    return [va[s] - vb[s] for s in seeds], seeds
+
+
+def _fmt_paired(diffs: list[float]) -> str:
+    if not diffs:
+        return "–"
+    mean, std, n = _mean_std(diffs)
+    ahead = sum(d > 0 for d in diffs)
+    return f"{mean:+.4f} ± {std:.4f} ({ahead}/{n} seeds > 0)" if n > 1 else f"{mean:+.4f} (1 seed)"
+
+
+def best_baseline(evidence: Evidence) -> Family | None:
+    """The baseline family whose chosen setting has the best mean validation over its seeds."""
+    scored = [(statistics.fmean(f.values(evidence.metric, "valid").values()), f)
+              for f in evidence.families.values() if f.role == "baseline" and f.values(evidence.metric, "valid")]
+    return max(scored, key=lambda vf: vf[0])[1] if scored else None
+
+
+def render_dataset(e: Evidence) -> list[str]:
+    m = e.metric
+    lines = [f"## {e.dataset} (grid `{e.grid}`)", "",
+             f"### Tuning (seed {e.tuning_seed}): every cell", "",
+             f"Chosen on validation {m.upper()}; `*` marks a family's choice. Peer / ensemble: MDCNS's peer and "
+             f"self+peer ensemble validation {m.upper()} at the self model's best epoch. A run ends {e.patience} "
+             f"epochs after its best (epoch cap {e.cap}: `cap!` where it bound).", "",
+             f"| cell | family | valid {m} | test {m} | best epoch | epochs | peer | ensemble |", "|---|---|---|---|---|---|---|---|"]
+    family_of = OrderedDict()
+    for f in e.families.values():
+        for label in f.members:
+            family_of.setdefault(label, []).append(f.name)
+    chosen = {f.chosen for f in e.families.values() if f.chosen}
+    for label in e.configs:
+        record = e.records.get((label, e.tuning_seed))
+        fams = ", ".join(family_of.get(label, ["–"]))
+        if record is None:
+            lines.append(f"| {label} | {fams} | pending | | | | | |")
+            continue
+        peer, ens = _at_best(record, "peer", m), _at_best(record, "ensemble", m)
+        bound = " cap!" if e.cap and record.get("epochs", 0) >= e.cap else ""
+        lines.append(f"| {label}{' *' if label in chosen else ''} | {fams} | {record['valid'][m]:.4f} | "
+                     f"{record['test'][m]:.4f} | {record.get('best_epoch')} | {record.get('epochs')}{bound} | "
+                     f"{'' if peer is None else f'{peer:.4f}'} | {'' if ens is None else f'{ens:.4f}'} |")
+    base = best_baseline(e)
+    lines += ["", f"### Chosen settings over seeds {', '.join(map(str, e.seeds))}", "",
+              f"Test {m.upper()} and Recall@10, mean ± std over the seeds run (n); validation {m.upper()} likewise; "
+              f"best epochs per seed. Paired difference: test {m.upper()} minus the best baseline's "
+              f"(**{base.name if base else '–'}**, best mean validation among baselines) on the same seed.", "",
+              f"| method | setting | test {m} | test recall@10 | valid {m} | best epochs | vs best baseline |",
+              "|---|---|---|---|---|---|---|"]
+    for f in e.families.values():
+        if f.chosen is None:
+            lines.append(f"| {f.name} | – ({f.why}) | | | | | |")
+            continue
+        test, valid = _mean_std(list(f.values(m).values())), _mean_std(list(f.values(m, "valid").values()))
+        recall = _mean_std(list(f.values("recall@10").values()))
+        epochs = ", ".join(str(r.get("best_epoch")) for _, r in sorted(f.records.items()))
+        diff = "–" if base is None or f is base else _fmt_paired(paired(f, base, m)[0])
+        lines.append(f"| {f.name}{'' if f.role == 'baseline' else ' *'} | `{f.chosen}` ({f.why}) | "
+                     f"{_fmt(*test)} (n={test[2]}) | {_fmt(*recall)} | {_fmt(*valid)} | {epochs} | {diff} |")
+    if e.claims:
+        lines += ["", "### Claims", "", f"Paired test {m.upper()} differences over the seeds both have.", "",
+                  "| claim | per seed | mean ± std | holds |", "|---|---|---|---|"]
+        for a, b in e.claims:
+            fa, fb = e.families[a], e.families[b]
+            diffs, seeds = paired(fa, fb, m)
+            per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(seeds, diffs)) or "–"
+            holds = ("–" if not diffs else "yes" if all(d > 0 for d in diffs) else
+                     "no" if all(d <= 0 for d in diffs) else "mixed")
+            if diffs and len(diffs) < len(e.seeds):
+                holds += f" (only {len(diffs)} of {len(e.seeds)} seeds)"
+            lines.append(f"| {a} > {b} | {per_seed} | {_fmt_paired(diffs)} | {holds} |")
+    todo = todo_commands(e)
+    if todo:
+        lines += ["", "### Still to run", "", "```bash"] + todo + ["```"]
+    return lines + [""]
+
+
+def next_cells(e: Evidence) -> list[tuple[str, int]]:
+    """The cells the protocol can run now, ``(label, seed)``, first things first (see ``--run``)."""
+    order = e.priority + [name for name in e.families if name not in e.priority]
+    todo = []
+    for name in order:
+        family = e.families[name]
+        if family.chosen is None:
+            if not family.ablation_of:
+                todo += [(m, e.tuning_seed) for m in family.members if (m, e.tuning_seed) not in e.records]
+        else:
+            todo += [(family.chosen, seed) for seed in e.seeds if (family.chosen, seed) not in e.records]
+    return list(OrderedDict.fromkeys(todo))
+
+
+def drive(grids: list[str], results: list[str] | None) -> None:
+    """``--run``: one cell at a time through ``benchmarks.run``, the next one chosen anew after each."""
+    from benchmarks import run
+
+    tried: set[tuple[str, str, int]] = set()
+    while True:
+        records, _, _ = load(results or _results_paths(grids))
+        by_key = {r["key"]: r for r in records}
+        pending = [(grid, e, label, seed) for grid in grids for e in build(grid, by_key)
+                   for label, seed in next_cells(e) if (e.dataset, label, seed) not in tried]
+        if not pending:
+            print("[converged] nothing left to run")
+            return
+        grid, e, label, seed = pending[0]
+        tried.add((e.dataset, label, seed))
+        print(f"[converged] {e.dataset}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
+        run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | * | {e.dataset} | *"])
+
+
+def _results_paths(grids: list[str]) -> list[str]:
+    return list(OrderedDict.fromkeys(str(load_grid(g)[0].results) for g in grids))
+
+
+def todo_commands(e: Evidence) -> list[str]:
+    """``benchmarks.run`` commands for the tuning cells and the chosen settings' seeds not yet run."""
+    grid = f"benchmarks/grids/{e.grid}.yaml"
+    tuning = [label for label in e.configs if (label, e.tuning_seed) not in e.records]
+    seeds = OrderedDict((f.chosen, None) for f in e.families.values()
+                        if f.chosen and any((f.chosen, s) not in e.records for s in e.seeds))
+    if not (tuning or seeds):
+        return []
+    lines = [f"# {len(tuning)} tuning cells; chosen settings still short of {len(e.seeds)} seeds: "
+             f"{', '.join(seeds) or 'none'}",
+             f"OMP_NUM_THREADS=1 python -m benchmarks.converged --run --grid {grid}"]
+    return lines
+
+
+def plot(e: Evidence, out_dir: Path) -> Path | None:
+    """Two facets: the tuning cells' validation metric, and the chosen settings' test metric over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuning = []
+    for label in e.configs:
+        record = e.records.get((label, e.tuning_seed))
+        if record is not None:
+            role = "baseline" if any(f.role == "baseline" and label in f.members for f in e.families.values()) \
+                else "proposed"
+            row = Row(label, role)
+            row.records.append(record)
+            tuning.append(row)
+    chosen = []
+    for f in e.families.values():
+        if f.chosen and f.records:
+            row = Row(f"{f.name}  ({f.chosen})", f.role)
+            row.records = [f.records[s] for s in sorted(f.records)]
+            chosen.append(row)
+    if not tuning:
+        return None
+    tallest = max(len(tuning), len(chosen))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 1.4 + 0.3 * tallest))
+    _bar_panel(axes[0], tuning, f"tuning cells, seed {e.tuning_seed}", metric=e.metric, split="valid")
+    if chosen:
+        _bar_panel(axes[1], chosen, "chosen setting per method", metric=e.metric, split="test")
+    else:
+        axes[1].axis("off")
+    path = out_dir / f"converged_{_slug(e.dataset)}.png"
+    return _save(fig, f"{e.dataset}: SASRec, converged runs (grey: baselines, red: proposed; dashed: best baseline)",
+                 path)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", action="append", required=True, help="grid YAML with a selection section")
+    parser.add_argument("--results", nargs="+", help="results files (default: each grid's own)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "CONVERGED.md"))
+    parser.add_argument("--plots", default=str(REPO_ROOT / "benchmarks" / "plots"))
+    parser.add_argument("--run", action="store_true", help="run the protocol's next cells until none is left")
+    args = parser.parse_args(argv)
+    if args.run:
+        drive(args.grid, args.results)
+    paths = args.results or _results_paths(args.grid)
+    records, _, _ = load(paths)
+    by_key = {r["key"]: r for r in records}
+    evidence = [e for grid in args.grid for e in build(grid, by_key)]
+    out, plot_dir = Path(args.out).resolve(), Path(args.plots).resolve()
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Converged evidence (issue 13)", "",
+             f"Generated by `{command_line(argv, 'benchmarks.converged')}` from "
+             + ", ".join(f"`{Path(p).resolve().relative_to(REPO_ROOT)}`" for p in paths) + ". "
+             "The protocol is in each grid file's header; `benchmarks/REPRODUCTION.md` sets these figures beside "
+             "the paper's.", ""]
+    for e in evidence:
+        lines += render_dataset(e)
+        path = plot(e, plot_dir)
+        if path is not None:
+            lines += [f"![{e.dataset}]({Path(path).relative_to(out.parent)})", ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
