@@ -21,6 +21,11 @@ and (``--variants uniform,peer-uniform,mdcns``), MDCNS against the two models it
 * ``mdcns``          -- ``neg_sampler: mdcns`` (``candidate_num: 100``), ``--model`` as self, the peer as peer.
   Its target is ``mdcns / (uniform + peer-uniform) <= 1.15``, the per-round sum of the two uniform epochs.
 
+``--variants baselines-all``: every baseline on ``train_positions: all`` against ``uniform-all`` (target
+1.3x each). ``--variants anomaly``: RecBole's own ``uniform`` pipeline and ``uniform-all`` with and without autograd
+anomaly detection around the epoch (RecBole's ``sine.py`` switches it on when imported; this package keeps
+it off).
+
 Run from the repository root::
 
     python -m benchmarks.epoch_time                       # full measurement (many minutes on a CPU)
@@ -92,6 +97,11 @@ BASELINES_ALL = {"mixgcf-100-all": "mixgcf-100", "dens-100-all": "dens-100", "ah
                  "adasir-all": "adasir", "gnno-all": "gnno", "srns-all": "srns"}
 VARIANTS.update({label: {**VARIANTS[base], "train_positions": "all"} for label, base in BASELINES_ALL.items()})
 BASELINE_VARIANTS = ["uniform-all", "dns-100-all", *BASELINES_ALL]
+# RecBole's sine.py switches autograd anomaly detection on when imported (recbole_mdcns.compat keeps it
+# off): what that costs RecBole's own trainer and ours (Lightning), switched back on around the epoch
+VARIANTS.update({f"{label}-anomaly": {**VARIANTS[label], "autograd_anomaly": True}
+                 for label in ("recbole-uniform", "uniform-all")})
+ANOMALY_VARIANTS = ["recbole-uniform", "recbole-uniform-anomaly", "uniform-all", "uniform-all-anomaly"]
 DEFAULT_VARIANTS = ["uniform", "dns-10", "dns-100", "recbole-dns-10"]
 # (variant, reference, quantity, relation, bound): "variant / reference" for time, or
 # "reference is `bound`x better than variant" for the speed-up / memory saving targets. A tuple
@@ -253,6 +263,8 @@ class Variant:
         from recbole_mdcns.data import candidate_train_loader
 
         self.label = label
+        overrides = dict(overrides)
+        self.anomaly = overrides.pop("autograd_anomaly", False)
         config_dict = copy.deepcopy({**base, **overrides})
         self.config = create_config(model, dataset, None, config_dict)
         init_seed(self.config["seed"], self.config["reproducibility"])
@@ -281,8 +293,11 @@ class Variant:
 
     def run_epoch(self) -> dict:
         """Train one epoch; ``epoch_s`` is the training loop, ``fit_s`` the whole ``fit`` call."""
+        import torch
+
         start = perf_counter()
-        self.trainer.fit(self.train_data, None, verbose=False, saved=False, show_progress=False)
+        with torch.autograd.set_detect_anomaly(self.anomaly):
+            self.trainer.fit(self.train_data, None, verbose=False, saved=False, show_progress=False)
         _sync(self.device)
         fit_s = perf_counter() - start
         result = {"epoch_s": self.trainer.epoch_times[-1], "fit_s": fit_s}
@@ -455,7 +470,7 @@ def parse_args(argv=None):
                         help="untimed epochs of every variant before the rounds (worth 1 on a GPU)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)}, or full-sequence "
-                             f"({','.join(FULL_SEQUENCE_VARIANTS)})")
+                             f"({','.join(FULL_SEQUENCE_VARIANTS)}), baselines-all, anomaly")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=2020)
@@ -482,6 +497,8 @@ def main(argv=None) -> dict | None:
         labels = list(FULL_SEQUENCE_VARIANTS)
     elif labels == ["baselines-all"]:  # issue 14's comparison
         labels = list(BASELINE_VARIANTS)
+    elif labels == ["anomaly"]:
+        labels = list(ANOMALY_VARIANTS)
     unknown = [v for v in labels if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")

@@ -18,6 +18,11 @@ the shims the pins cannot:
 * ``recbole.quick_start`` imports ``ray.tune`` at import time. If ray cannot be
   imported, a placeholder takes its place whose every use raises an error
   naming the original failure: training works, ray-based tuning fails clearly.
+* ``recbole.model.sequential_recommender.sine`` calls ``torch.autograd.set_detect_anomaly(True)`` at
+  import, and RecBole imports every sequential model whenever it builds one: anomaly mode (a debugging
+  aid -- every autograd op records its stack, every backward checks for NaN) then slows every model's
+  training in the process. The module is imported here with the mode kept as it was; imported by
+  someone before this package, the mode is left on with a warning.
 * hyperopt >= 0.2.7 samples with a ``numpy.random.Generator`` (``rng.integers``);
   RecBole's exhaustive search hands it a ``RandomState`` (RecBole issue #1868).
   ``recbole.trainer.hyper_tuning`` sees a ``numpy`` whose ``random.RandomState``
@@ -204,9 +209,26 @@ _LOADS_RECBOLE_CHECKPOINTS = (
 )
 
 
+def _keep_anomaly_mode_off() -> None:
+    """Import RecBole's SINE module without letting it switch on autograd anomaly detection."""
+    name = "recbole.model.sequential_recommender.sine"
+    if name in sys.modules:
+        if torch.is_anomaly_enabled():
+            warnings.warn(f"{name} switched on torch.autograd anomaly detection when it was imported (before "
+                          "recbole_mdcns), which slows every backward pass; call "
+                          "torch.autograd.set_detect_anomaly(False) unless you want it", stacklevel=3)
+        return
+    enabled, check_nan = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    try:
+        importlib.import_module(name)
+    finally:
+        torch.autograd.set_detect_anomaly(enabled, check_nan)
+
+
 def apply() -> None:
     """Check the pins and install the shims; idempotent."""
     _check_pins()
+    _keep_anomaly_mode_off()
     if "ray" not in sys.modules:
         _guard_ray()
     for name in _LOADS_RECBOLE_CHECKPOINTS:

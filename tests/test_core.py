@@ -162,6 +162,24 @@ def test_broken_ray_gives_clear_error_only_when_tuning():
     assert "pkg_resources" in out.stdout  # the original failure is named
 
 
+def test_recbole_sine_does_not_switch_on_anomaly_detection():
+    """RecBole's sine.py calls torch.autograd.set_detect_anomaly(True) when imported, which RecBole does
+    whenever it builds any sequential model: importing recbole_mdcns keeps the mode as it was."""
+    code = (
+        "import sys, torch\n"
+        "on = sys.argv[1] == 'on'\n"
+        "torch.autograd.set_detect_anomaly(on)\n"
+        "import recbole_mdcns\n"
+        "from recbole.utils import get_model\n"
+        "get_model('SINE'), get_model('SASRec')\n"
+        "print('anomaly', torch.is_anomaly_enabled())\n"
+    )
+    for state in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", code, state], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert f"anomaly {state == 'on'}" in out.stdout
+
+
 def test_version_pins_hold():
     import numpy
     import pandas

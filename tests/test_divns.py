@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import get_model, init_seed
+from recbole.data import create_dataset
+from recbole.utils import get_model
 
 import recbole_mdcns
 from recbole_mdcns.config import create_config, packaged_yaml
-from recbole_mdcns.data import CANDIDATES, candidate_train_loader
+from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.methods.divns import (
     Q_DENOMINATOR_FLOOR,
@@ -41,6 +41,7 @@ from recbole_mdcns import scoring
 from recbole_mdcns.scoring import DotScorer, PredictScorer
 
 from conftest import tiny_config
+from real_batches import sampler_setup
 
 # --------------------------------------------------------------------------- cache
 
@@ -280,16 +281,7 @@ def test_negative_stats():
 
 
 def _setup(model_name, tiny_data, tmp_path, **overrides):
-    config = create_config(model_name, "tiny", config_dict=tiny_config(tiny_data, tmp_path, neg_sampler="divns",
-                                                                       **overrides))
-    init_seed(config["seed"], True)
-    dataset = create_dataset(config)
-    train_data, _, _ = data_preparation(config, dataset)
-    train_data = candidate_train_loader(config, train_data)
-    model = get_model(model_name)(config, train_data._dataset)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = next(iter(train_data))
-    return config, model, optimizer, batch, train_data
+    return sampler_setup(model_name, "divns", tiny_data, tmp_path, **overrides)
 
 
 @pytest.fixture(scope="module")
