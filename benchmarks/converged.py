@@ -16,7 +16,8 @@ A grid's ``selection:`` section declares the protocol (the grids' headers descri
 ``--run`` drives the grid through the protocol, one cell at a time, resumable: it re-reads the
 results after every cell and runs the first runnable one -- for each family in priority order, its
 tuning cells, then (once chosen) its remaining seeds; an ablation waits for its parent's choice.
-A cell that fails is not retried in the same invocation.
+A cell that fails is not retried in the same invocation. ``--first FAMILY`` (repeatable) takes those
+families before the grid's priority, e.g. cheap baselines' seeds while a long tuning waits.
 
 Records are matched to labels by cell key (a hash of the full config), so a record counts only
 while the grid still describes the run that made it. The report lists, per dataset: every tuning
@@ -257,16 +258,24 @@ def next_cells(e: Evidence) -> list[tuple[str, int]]:
     return list(OrderedDict.fromkeys(todo))
 
 
-def drive(grids: list[str], results: list[str] | None) -> None:
-    """``--run``: one cell at a time through ``benchmarks.run``, the next one chosen anew after each."""
+def drive(grids: list[str], results: list[str] | None, first: list[str] | None = None) -> None:
+    """``--run``: one cell at a time through ``benchmarks.run``, the next one chosen anew after each;
+    ``first`` names families to take before the grid's priority."""
     from benchmarks import run
 
     tried: set[tuple[str, str, int]] = set()
     while True:
         records, _, _ = load(results or _results_paths(grids))
         by_key = {r["key"]: r for r in records}
-        pending = [(grid, e, label, seed) for grid in grids for e in build(grid, by_key)
-                   for label, seed in next_cells(e) if (e.dataset, label, seed) not in tried]
+        pending = []
+        for grid in grids:
+            for e in build(grid, by_key):
+                unknown = [name for name in first or [] if name not in e.families]
+                if unknown:
+                    raise SystemExit(f"--first {unknown}: not a family of {grid}; families: {list(e.families)}")
+                e.priority = list(first or []) + [name for name in e.priority if name not in (first or [])]
+                pending += [(grid, e, label, seed) for label, seed in next_cells(e)
+                            if (e.dataset, label, seed) not in tried]
         if not pending:
             print("[converged] nothing left to run")
             return
@@ -337,9 +346,11 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "CONVERGED.md"))
     parser.add_argument("--plots", default=str(REPO_ROOT / "benchmarks" / "plots"))
     parser.add_argument("--run", action="store_true", help="run the protocol's next cells until none is left")
+    parser.add_argument("--first", action="append", default=[], metavar="FAMILY",
+                        help="with --run: take this family before the grid's priority (repeatable)")
     args = parser.parse_args(argv)
     if args.run:
-        drive(args.grid, args.results)
+        drive(args.grid, args.results, args.first)
     paths = args.results or _results_paths(args.grid)
     records, _, _ = load(paths)
     by_key = {r["key"]: r for r in records}

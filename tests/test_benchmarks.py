@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import write_dataset
@@ -180,3 +181,11 @@ def test_converged_protocol_chooses_on_validation_and_orders_the_work(tmp_path):
     assert seeds == [2020, 2021] and [round(d, 4) for d in diffs] == [0.2, -0.1]
     text = "\n".join(converged.render_dataset(evidence))
     assert "| MDCNS > DNS+ | 2020: +0.2000, 2021: -0.1000 | +0.0500 ± 0.2121 (1/2 seeds > 0) | mixed |" in text
+
+
+def test_converged_run_refuses_an_unknown_family(tmp_path):
+    from benchmarks import converged
+
+    grid = REPO / "benchmarks" / "grids" / "converged_ml100k.yaml"
+    with pytest.raises(SystemExit, match=r"DNS\+\+.*'DNS\+'"):  # names the bad family and the valid ones
+        converged.drive([str(grid)], [str(tmp_path / "none.jsonl")], first=["DNS++"])
