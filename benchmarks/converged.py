@@ -220,6 +220,10 @@ def render_dataset(e: Evidence) -> list[str]:
         if f.chosen is None:
             lines.append(f"| {f.name} | – ({f.why}) | | | | | |")
             continue
+        if not f.records:
+            lines.append(f"| {f.name}{'' if f.role == 'baseline' else ' *'} | `{f.chosen}` ({f.why}) | not run yet "
+                         "| | | | |")
+            continue
         test, valid = _mean_std(list(f.values(m).values())), _mean_std(list(f.values(m, "valid").values()))
         recall = _mean_std(list(f.values("recall@10").values()))
         epochs = ", ".join(str(r.get("best_epoch")) for _, r in sorted(f.records.items()))
