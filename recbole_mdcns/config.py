@@ -92,6 +92,13 @@ def check_number(config: Config, key: str, low: float, high: float = math.inf, i
     return value
 
 
+def require_one(config: Config, key: str, sampler: str, why: str, hint: str = "") -> None:
+    """``ValueError`` unless ``config[key]`` is 1 (a sampler's ``top_m`` or ``neg_num``), naming the key, the
+    sampler and why it needs 1; ``hint`` is appended to the message."""
+    if config[key] != 1:
+        raise ValueError(f"{key} must be 1 for neg_sampler={sampler} ({why}), got {config[key]!r}{hint}")
+
+
 def validate(config: Config, user: dict) -> None:
     """Check every sampler key, and every RecBole key the user set (``user``: their own settings,
     :func:`recbole_mdcns.recbole_keys.user_settings`, without the packaged defaults the config also

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number, packaged_yaml
+from recbole_mdcns.config import check_number, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import LossFn
@@ -132,9 +132,7 @@ class AdaSIRModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=adasir (it resamples, it takes no top-M), "
-                             f"got {config['top_m']!r}")
+        require_one(config, "top_m", "adasir", "it resamples, it takes no top-M")
         if config["neg_loss"] not in WEIGHTABLE_LOSSES:
             raise ValueError(f"neg_loss must be one of {list(WEIGHTABLE_LOSSES)} for neg_sampler=adasir "
                              f"(its importance weights weight each (positive, negative) pair), "

@@ -32,7 +32,7 @@ import math
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import packaged_yaml
+from recbole_mdcns.config import packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.registry import register_sampler
@@ -71,9 +71,7 @@ class AHNSModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=ahns (its rule picks the candidates nearest a target "
-                             f"score, not a top-M), got {config['top_m']!r}")
+        require_one(config, "top_m", "ahns", "its rule picks the candidates nearest a target score, not a top-M")
         for key, low, high in (("ahns_alpha", -math.inf, math.inf), ("ahns_beta", 0.0, math.inf),
                                ("ahns_p", -math.inf, 0.0)):
             value = config[key]

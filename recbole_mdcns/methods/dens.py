@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import packaged_yaml
+from recbole_mdcns.config import packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.methods.divns import synthesis_is_exact
@@ -184,9 +184,7 @@ class DENSModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=dens (its negative is the argmax of the "
-                             f"factor-aware score), got {config['top_m']!r}")
+        require_one(config, "top_m", "dens", "its negative is the argmax of the factor-aware score")
         for key in ("dens_gamma", "dens_warmup"):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \

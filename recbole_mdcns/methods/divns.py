@@ -82,7 +82,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number, packaged_yaml
+from recbole_mdcns.config import check_number, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.dpp import greedy_map_dpp, kdpp_rank, sample_k_dpp
@@ -555,12 +555,9 @@ class DivNSModule(DNSModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["neg_num"] != 1:
-            raise ValueError(f"neg_num must be 1 for neg_sampler=divns (each row trains on one synthetic negative: "
-                             f"DNS's top-1 mixed with a diverse item), got {config['neg_num']!r}")
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=divns (its hard negative is the top-1), "
-                             f"got {config['top_m']!r}")
+        require_one(config, "neg_num", "divns",
+                    "each row trains on one synthetic negative: DNS's top-1 mixed with a diverse item")
+        require_one(config, "top_m", "divns", "its hard negative is the top-1")
         n = config["candidate_num"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"candidate_num must be an integer >= 2 for neg_sampler=divns "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import packaged_yaml
+from recbole_mdcns.config import packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import log_q_corrected
@@ -44,9 +44,8 @@ class PoolDrawModule(NegativeSamplingModule):
     @staticmethod
     def validate_config(config) -> None:
         name = config["neg_sampler"]
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler={name} (its negatives are drawn, not scored), "
-                             f"got {config['top_m']!r}; for DNS(M, N) use neg_sampler=dns")
+        require_one(config, "top_m", name, "its negatives are drawn, not scored",
+                    hint="; for DNS(M, N) use neg_sampler=dns")
         if config["candidate_num"] != config["neg_num"]:
             raise ValueError(
                 f"candidate_num must equal neg_num for neg_sampler={name}: every draw of its pool is a negative, "

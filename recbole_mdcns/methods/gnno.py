@@ -55,7 +55,7 @@ import scipy.sparse as sp
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number, packaged_yaml
+from recbole_mdcns.config import check_number, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.registry import register_sampler
@@ -167,9 +167,7 @@ class GNNOModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=gnno (it draws from the graph, it takes no "
-                             f"top-M), got {config['top_m']!r}")
+        require_one(config, "top_m", "gnno", "it draws from the graph, it takes no top-M")
         hard = check_number(config, "gnno_num_hard", 1, integer=True)
         n = config["candidate_num"]
         if isinstance(n, bool) or not isinstance(n, int) or n <= hard:

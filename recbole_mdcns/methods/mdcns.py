@@ -51,7 +51,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import dict2str, set_color
 
 from recbole_mdcns.companion_models import build_companion, load_frozen_model
-from recbole_mdcns.config import NO_BPR_MODELS, packaged_yaml
+from recbole_mdcns.config import NO_BPR_MODELS, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
 from recbole_mdcns.full_sequence import LOSS_SCALE
@@ -291,9 +291,9 @@ class MDCNSModule(NegativeSamplingModule):
     @staticmethod
     def validate_config(config) -> None:
         """``ValueError`` naming the key and its valid values for every MDCNS key."""
-        if config["neg_num"] != 1:
-            raise ValueError(f"neg_num must be 1 for neg_sampler=mdcns (each row trains on one negative per view -- "
-                             f"self, peer, teacher -- weighted by mdcns_alpha/beta/gamma), got {config['neg_num']!r}")
+        require_one(config, "neg_num", "mdcns",
+                    "each row trains on one negative per view -- self, peer, teacher -- weighted by "
+                    "mdcns_alpha/beta/gamma")
         _validate_peer(config)
         _validate_weights(config)
         _validate_teachers(config)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import check_number, packaged_yaml
+from recbole_mdcns.config import check_number, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.methods.user_state import copy_state, first_rows, take_rank, winning_rank
@@ -139,12 +139,9 @@ class SRNSModule(NegativeSamplingModule):
 
     @staticmethod
     def validate_config(config) -> None:
-        if config["top_m"] != 1:
-            raise ValueError(f"top_m must be 1 for neg_sampler=srns (it selects by score + variance), "
-                             f"got {config['top_m']!r}")
-        if config["neg_num"] != 1:
-            raise ValueError(f"neg_num must be 1 for neg_sampler=srns (one negative per row: the memory item with the "
-                             f"largest score + alpha * std), got {config['neg_num']!r}")
+        require_one(config, "top_m", "srns", "it selects by score + variance")
+        require_one(config, "neg_num", "srns",
+                    "one negative per row: the memory item with the largest score + alpha * std")
         check_number(config, "srns_memory_size", 1, integer=True)
         check_number(config, "srns_alpha", 0.0)
         check_number(config, "srns_warmup", 0.0)
