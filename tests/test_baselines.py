@@ -6,6 +6,7 @@ import collections
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -323,7 +324,9 @@ import recbole_mdcns
 for name, extra in (("mixgcf", {"top_m": 2, "neg_num": 2}), ("dens", {}), ("ahns", {})):
     result = recbole_mdcns.run_recbole("SASRec", "tiny", config_file_list=[sys.argv[1]], config_dict={
         "neg_sampler": name, "checkpoint_dir": os.path.join(sys.argv[2], name), **extra})
-    print("RESULT", os.environ.get("LOCAL_RANK", "0"), name, dict(result["test_result"]), flush=True)
+    # one write a line: both ranks share stdout, and print's separate writes of its arguments interleave
+    sys.stdout.write(f"RESULT {os.environ.get('LOCAL_RANK', '0')} {name} {dict(result['test_result'])}\\n")
+    sys.stdout.flush()
 """
 
 
@@ -343,10 +346,9 @@ def test_ddp_two_cpu_processes_mixgcf_dens_ahns(tiny_data, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     results = collections.defaultdict(dict)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT"):
-            _, rank, name, metrics = line.split(" ", 3)
-            results[name][rank] = metrics
+    # a RESULT may follow the other rank's unterminated output on the same line
+    for rank, name, metrics in re.findall(r"RESULT (\d+) (\w+) (\{[^}]*\})", done.stdout):
+        results[name][rank] = metrics
     assert set(results) == {"mixgcf", "dens", "ahns"}
     assert all(set(by_rank) == {"0", "1"} and len(set(by_rank.values())) == 1 for by_rank in results.values())
     lines = (tiny_data / "tiny" / "tiny.inter").read_text().splitlines()[1:]
