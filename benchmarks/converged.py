@@ -296,12 +296,14 @@ def _results_paths(grids: list[str]) -> list[str]:
 def todo_commands(e: Evidence) -> list[str]:
     """``benchmarks.run`` commands for the tuning cells and the chosen settings' seeds not yet run."""
     grid = f"benchmarks/grids/{e.grid}.yaml"
-    tuning = [label for label in e.configs if (label, e.tuning_seed) not in e.records]
+    runnable = next_cells(e)
+    tuning = [label for label, seed in runnable if seed == e.tuning_seed and not any(
+        f.chosen == label for f in e.families.values())]
     seeds = OrderedDict((f.chosen, None) for f in e.families.values()
                         if f.chosen and any((f.chosen, s) not in e.records for s in e.seeds))
     if not (tuning or seeds):
         return []
-    lines = [f"# {len(tuning)} tuning cells; chosen settings still short of {len(e.seeds)} seeds: "
+    lines = [f"# {len(tuning)} tuning cells runnable now; chosen settings still short of {len(e.seeds)} seeds: "
              f"{', '.join(seeds) or 'none'}",
              f"OMP_NUM_THREADS=1 python -m benchmarks.converged --run --grid {grid}"]
     return lines
