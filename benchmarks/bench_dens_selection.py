@@ -6,7 +6,10 @@ selection evaluates ``R x N x d`` sigmoids a batch, where DNS computes ``R x N``
 interleaved, medians over ``--repeats`` (one thread, random tensors at LastFM's sizes, no gradient):
 
 * ``straightforward`` -- ``gates.negative`` on the gathered ``[R, N, d]`` pool, then the scores;
-* ``selection`` -- :func:`recbole_mdcns.methods.dens.pool_selection_scores`, this package's path;
+* ``selection`` -- :func:`recbole_mdcns.methods.dens.pool_selection_scores`, the chunked path
+  (``dens_compile: false``);
+* ``fused selection`` -- the same with ``fused=True``, one kernel compiled by ``torch.compile`` (``dens_compile:
+  true``, the default; compiled before the timing, its one-off compile time printed);
 * ``sigmoid floor`` -- the ``[R, N, d]`` sigmoids alone, in the same chunks (a lower bound of any exact path);
 * ``dns scoring`` -- DNS's pool scores, ``(h @ E.T).gather`` (what DENS's selection replaces);
 * ``contrastive`` -- DENS's positive / negative gates and four contrastive terms, forward and backward.
@@ -59,6 +62,10 @@ def main() -> None:
         with torch.no_grad():
             return pool_selection_scores(gates, h, pos_relevant, table.weight, index, args.weight)
 
+    def fused_selection():
+        with torch.no_grad():
+            return pool_selection_scores(gates, h, pos_relevant, table.weight, index, args.weight, fused=True)
+
     def sigmoid_floor():
         for _ in range(0, R, chunk_rows):
             buffer.sigmoid_()
@@ -73,7 +80,12 @@ def main() -> None:
         pos_rel = gates.positive(rep, e_pos)
         contrastive_loss(rep, e_pos, pos_rel, e_neg, gates.negative(e_neg, pos_rel)).backward()
 
-    cases = {"straightforward": straightforward, "selection": selection, "sigmoid floor": sigmoid_floor,
+    start = time.perf_counter()
+    fused_selection()
+    compile_s = time.perf_counter() - start
+    print(f"fused selection: compiled and run once in {compile_s:.1f} s")
+    cases = {"straightforward": straightforward, "selection": selection, "fused selection": fused_selection,
+             "sigmoid floor": sigmoid_floor,
              "dns scoring": dns_scoring, "contrastive": contrastive}
     times = {name: [] for name in cases}
     for fn in cases.values():
@@ -91,7 +103,8 @@ def main() -> None:
         print(f"| {name} | {ms:.1f} | {ms / medians['sigmoid floor']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "median_ms": medians, "times_ms": times}, f, indent=1)
+            json.dump({"settings": vars(args), "median_ms": medians, "first_fused_call_s": compile_s,
+                       "times_ms": times}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import itertools
 import math
 import os
 import re
@@ -191,6 +192,7 @@ def test_dens_fast_selection_equals_the_straightforward_gates(tiny_data, tmp_pat
     monkeypatch.setattr(dens, "SELECTION_CHUNK_ELEMENTS", 3 * 15 * 64)  # several chunks of 3 rows
     config, model, batch = _setup(tiny_data, tmp_path, neg_sampler="dens", candidate_num=15, dens_warmup=2)
     module = DENSModule(model, torch.optim.Adam(model.parameters()), config)
+    assert module.fused  # dens_compile: true, and torch.compile works here
     scorer = module.scorer_for("self", model, batch)
     candidates, emb = batch[CANDIDATES], model.item_embedding
     assert len(candidates) > 3 and candidates.numel() >= model.n_items  # this batch: the catalogue table
@@ -200,8 +202,9 @@ def test_dens_fast_selection_equals_the_straightforward_gates(tiny_data, tmp_pat
         distinct, inverse = candidates.unique(return_inverse=True)
         for weight in (0.0, 0.5, 1.0):
             straight = factor_aware_scores(h, e_pool, module.gates.negative(e_pool, pos_r), weight)
-            for vectors, index in (pool_table(scorer, model, candidates), (emb(distinct), inverse)):
-                fast = pool_selection_scores(module.gates, h, pos_r, vectors, index, weight)
+            for (vectors, index), fused in itertools.product(
+                    (pool_table(scorer, model, candidates), (emb(distinct), inverse)), (False, True)):
+                fast = pool_selection_scores(module.gates, h, pos_r, vectors, index, weight, fused)
                 assert torch.allclose(fast, straight, atol=1e-5)
                 assert torch.equal(fast.topk(2, dim=1).indices, straight.topk(2, dim=1).indices)
         few = candidates[:2, :3]  # fewer pool entries than items: the pool's distinct items
@@ -227,6 +230,19 @@ def test_dens_fast_selection_equals_the_straightforward_gates(tiny_data, tmp_pat
     for p, fast_grad in zip(params, fast_grads):
         assert torch.allclose(fast_grad, p.grad, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in fast_grads[-8:])  # the gates train
+
+
+def test_dens_falls_back_to_the_chunked_selection_when_the_fused_one_cannot_run(tiny_data, tmp_path, monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(dens, "_fused_gated_scores", no_compiler)  # what torch.compile raises without gcc
+    config, model, batch = _setup(tiny_data, tmp_path, neg_sampler="dens", candidate_num=15)
+    with pytest.warns(UserWarning, match=r"dens_compile: true could not compile .*RuntimeError: no C\+\+ compiler"):
+        module = DENSModule(model, torch.optim.Adam(model.parameters()), config)
+    assert not module.fused and torch.isfinite(module.training_loss(batch))
+    config, model, batch = _setup(tiny_data, tmp_path, neg_sampler="dens", candidate_num=15, dens_compile=False)
+    assert not DENSModule(model, torch.optim.Adam(model.parameters()), config).fused
 
 
 def test_dens_without_contrast_freezes_the_gates_and_refuses_non_linear_scorers(tiny_data, tmp_path):
@@ -259,6 +275,7 @@ def test_ahns_module_trains_on_the_rules_choice(tiny_data, tmp_path):
     ({"neg_sampler": "dens", "top_m": 2}, "top_m must be 1 for neg_sampler=dens"),
     ({"neg_sampler": "dens", "dens_gamma": -1}, "dens_gamma must be a finite number >= 0"),
     ({"neg_sampler": "dens", "dens_warmup": "long"}, "dens_warmup must be a finite number >= 0"),
+    ({"neg_sampler": "dens", "dens_compile": "yes"}, "dens_compile must be true or false"),
     ({"neg_sampler": "ahns", "ahns_p": 0}, "ahns_p must be a finite number in (-inf, 0.0)"),
     ({"neg_sampler": "ahns", "ahns_beta": 0}, "ahns_beta must be a finite number in (0.0, inf)"),
     ({"neg_sampler": "ahns", "top_m": 3}, "top_m must be 1 for neg_sampler=ahns"),

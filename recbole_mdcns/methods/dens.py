@@ -15,7 +15,8 @@ scores (``s(v) = h . e_v``), following the paper and the authors' code (``Riwei-
   = (1 - w) h . e_n^ir - w h . e_n^r``, the relevance weight ``w = min(1, epoch / dens_warmup)`` rising
   from 0 to 1 over the warm-up (the authors' schedule; ``dens_warmup: 0`` is ``w = 1`` throughout):
   :func:`factor_aware_scores` (computed, without gradient, by :func:`pool_selection_scores`: the negative
-  gate's item part once per catalogue item, not once per pool entry);
+  gate's item part once per catalogue item, not once per pool entry; with ``dens_compile: true`` the
+  elementwise rest is one kernel fused by ``torch.compile``);
 * **contrastive tasks** -- ``L_dis`` = the mean of four BPR terms on factor scores ``s^r = h . e^r``,
   ``s^ir = h . e^ir``: positive ``s_p^r > s_p^ir``, negative ``s_n^ir > s_n^r``, relevant
   ``s_p^r > s_n^r``, irrelevant ``s_n^ir > s_p^ir`` (:func:`contrastive_loss`); the row's loss is
@@ -37,6 +38,7 @@ read (must be 1).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +90,35 @@ def factor_aware_scores(h: torch.Tensor, e_neg: torch.Tensor, neg_relevant: torc
 # The pool's selection scores run over row chunks of about this many ``[rows, N, d]`` elements (2 MiB of
 # float32), so that a chunk's gate tensors stay in a CPU core's cache between their elementwise steps.
 # One CPU core, R = 2048 rows, N = 100, d = 64, 3.6k items (LastFM), no gradient: the straightforward
-# ``[R, N, d]`` gates ~225 ms a batch; this path ~25-30 ms in chunks of 2^16-2^19 elements (a shared machine).
+# ``[R, N, d]`` gates ~225 ms a batch; this path ~25-30 ms in chunks of 2^16-2^19 elements (a shared machine);
+# the fused kernel of ``dens_compile: true`` ~11 ms (benchmarks/bench_dens_selection.py).
 SELECTION_CHUNK_ELEMENTS = 1 << 19
 
 
+def gated_scores(item_part: torch.Tensor, row_part: torch.Tensor, vectors: torch.Tensor, h: torch.Tensor,
+                 index: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``-h . ((sigmoid(item_part[index] + row_part) - shift) * vectors[index])``, ``[R, N]``: the
+    selection scores of :func:`pool_selection_scores` as one expression, which ``torch.compile`` fuses into
+    a single loop with no ``[R, N, d]`` intermediate (``shift`` a 0-d tensor, so ``w`` changing with the
+    epoch does not recompile)."""
+    gate = torch.sigmoid(item_part[index] + row_part.unsqueeze(1)) - shift
+    return -(gate * vectors[index] * h.unsqueeze(1)).sum(-1)
+
+
+_fused_gated_scores = None
+
+
+def fused_gated_scores():
+    """:func:`gated_scores` compiled (once a process, shapes dynamic)."""
+    global _fused_gated_scores
+    if _fused_gated_scores is None:
+        _fused_gated_scores = torch.compile(gated_scores, dynamic=True)
+    return _fused_gated_scores
+
+
 def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant: torch.Tensor,
-                          vectors: torch.Tensor, index: torch.Tensor, weight: float) -> torch.Tensor:
+                          vectors: torch.Tensor, index: torch.Tensor, weight: float,
+                          fused: bool = False) -> torch.Tensor:
     """:func:`factor_aware_scores` of the pool ``e_n = vectors[index]`` (``index`` ``[R, N]`` into the
     ``[M, d]`` table ``vectors``: the catalogue or the pool's distinct items), equal up to float rounding to
     ``factor_aware_scores(h, e, gates.negative(e, pos_relevant), weight)``, for selection (no gradient).
@@ -101,10 +126,14 @@ def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant
     The negative gate's pre-activation ``W_n e_n + W_p e_p^r`` splits into an item
     part, computed once per row of ``vectors`` (``M d^2`` multiply-adds instead of ``R N d^2``), and a row
     part ``W_p e_p^r``, once per row; the score is ``h . ((1 - w) e_n - g_n e_n)
-    = -h . ((g_n - (1 - w)) e_n)`` (``h . (sigmoid(-x) e_n)`` at ``w = 0``, ``-h . (g_n e_n)`` at ``w = 1``),
-    the sigmoid and products elementwise over row chunks
-    (:data:`SELECTION_CHUNK_ELEMENTS`; one chunk on a GPU)."""
-    item_part, row_part, sign = gates.neg_gate(vectors), gates.pos_gate(pos_relevant), -1.0
+    = -h . ((g_n - (1 - w)) e_n)`` (``h . (sigmoid(-x) e_n)`` at ``w = 0``, ``-h . (g_n e_n)`` at ``w = 1``).
+    ``fused``: the elementwise rest as :func:`fused_gated_scores`' one kernel; else elementwise steps over
+    row chunks (:data:`SELECTION_CHUNK_ELEMENTS`; one chunk on a GPU)."""
+    item_part, row_part = gates.neg_gate(vectors), gates.pos_gate(pos_relevant)
+    if fused:
+        shift = torch.tensor(1.0 - weight, dtype=h.dtype, device=h.device)
+        return fused_gated_scores()(item_part, row_part, vectors, h, index, shift)
+    sign = -1.0
     if weight == 0.0:  # g - 1 = -sigmoid(-x): the score is h . (sigmoid(-x) e_n), one elementwise pass fewer
         item_part, row_part, sign = item_part.neg_(), row_part.neg_(), 1.0
     dim = vectors.shape[-1]
@@ -122,6 +151,24 @@ def pool_selection_scores(gates: DisentangleGates, h: torch.Tensor, pos_relevant
         gate.mul_(torch.index_select(vectors, 0, ids, out=vector_buffer[:len(ids)]).view(shape))
         torch.bmm(gate, h[chunk].unsqueeze(-1), out=scores[chunk].unsqueeze(-1))
     return scores.mul_(sign)
+
+
+def compiles(gates: DisentangleGates, device: torch.device) -> str | None:
+    """Run :func:`fused_gated_scores` once on a small input on ``device``: ``None`` if it compiles and agrees
+    with the chunked path, else why not (no C++ compiler for the CPU, no Triton for the GPU, ...)."""
+    generator = torch.Generator().manual_seed(0)
+    dim = gates.neg_gate.in_features
+    vectors, h, pos_relevant = (torch.randn(n, dim, generator=generator).to(device) for n in (7, 5, 5))
+    index = torch.randint(0, 7, (5, 3), generator=generator).to(device)
+    try:
+        with torch.no_grad():
+            fused = pool_selection_scores(gates, h, pos_relevant, vectors, index, 0.5, fused=True)
+            chunked = pool_selection_scores(gates, h, pos_relevant, vectors, index, 0.5)
+    except Exception as error:  # torch.compile's backends raise many kinds: report whichever it was
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if not torch.allclose(fused, chunked, atol=1e-4):
+        return f"its scores differ from the chunked path's by {(fused - chunked).abs().max().item():.2g}"
+    return None
 
 
 def pool_table(scorer, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +224,13 @@ class DENSModule(NegativeSamplingModule):
         self.gamma = float(config["dens_gamma"])
         self.warmup = float(config["dens_warmup"])
         self.neg_num = config["neg_num"]
+        self.fused = bool(config["dens_compile"])
+        if self.fused:
+            why = compiles(self.gates, next(model.parameters()).device)
+            if why:
+                warnings.warn(f"dens_compile: true could not compile DENS's selection ({why}); the chunked "
+                              f"path selects the same negatives, slower. Set dens_compile: false to silence.")
+                self.fused = False
         if self.gamma:
             optimizer.add_param_group({"params": list(self.gates.parameters())})
         else:
@@ -185,6 +239,8 @@ class DENSModule(NegativeSamplingModule):
     @staticmethod
     def validate_config(config) -> None:
         require_one(config, "top_m", "dens", "its negative is the argmax of the factor-aware score")
+        if not isinstance(config["dens_compile"], bool):
+            raise ValueError(f"dens_compile must be true or false, got {config['dens_compile']!r}")
         for key in ("dens_gamma", "dens_warmup"):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -205,7 +261,7 @@ class DENSModule(NegativeSamplingModule):
             vectors, index = pool_table(scorer, model, candidates)
             weight = relevance_weight(self.current_epoch, self.warmup)
             picked = pool_selection_scores(self.gates, h.detach(), pos_relevant.detach(), vectors, index,
-                                           weight).topk(self.neg_num, dim=1).indices
+                                           weight, self.fused).topk(self.neg_num, dim=1).indices
         negatives = candidates.gather(1, picked)
         self.record_negatives(negatives)
         scores = scorer.score(model, batch, h, torch.cat([positives.unsqueeze(1), negatives], 1))
