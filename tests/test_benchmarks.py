@@ -189,3 +189,37 @@ def test_converged_run_refuses_an_unknown_family(tmp_path):
     grid = REPO / "benchmarks" / "grids" / "converged_ml100k.yaml"
     with pytest.raises(SystemExit, match=r"DNS\+\+.*'DNS\+'"):  # names the bad family and the valid ones
         converged.drive([str(grid)], [str(tmp_path / "none.jsonl")], first=["DNS++"])
+
+
+def test_held_out_negatives_counts_the_users_validation_and_test_items(tmp_path, monkeypatch):
+    """``benchmarks.held_out_negatives``: each user's held-out items are their last two (by time), and the
+    counts are consistent: a uniform negative is a held-out item exactly when its one-item pool is."""
+    from benchmarks import held_out_negatives
+    from recbole_mdcns.config import create_config
+    from recbole_mdcns.quick_start import load_data
+
+    monkeypatch.chdir(tmp_path)
+    grid = _grid(tmp_path)
+    cell = run.load_grid(grid)[0]
+    config = create_config(cell.model, cell.dataset, None, cell.run_config(tmp_path / "work"))
+    dataset, _, valid_data, test_data = load_data(config)
+    held = held_out_negatives.held_out_items(valid_data, test_data, dataset.user_num)
+    inter = (tmp_path / "data" / "tiny" / "tiny.inter").read_text().splitlines()[1:]
+    last_two = {}
+    for line in inter:  # written in time order per user
+        user, item = line.split("\t")[:2]
+        last_two[user] = (last_two.get(user, (None, None))[1], item)
+    tokens = dataset.field2id_token
+    for user_id in range(1, dataset.user_num):
+        expected = last_two[tokens[dataset.uid_field][user_id]]
+        assert tuple(tokens[dataset.iid_field][i] for i in held[user_id].tolist()) == expected
+
+    out = held_out_negatives.main(["--grid", str(grid), "--cells", "uniform,dns-10", "--epochs", "2",
+                                   "--json", str(tmp_path / "held.json")])
+    uniform, dns = out["results"]
+    assert [p["epoch"] for p in uniform["per_epoch"]] == [0, 1]
+    for p, q in zip(uniform["per_epoch"], dns["per_epoch"]):
+        assert p["rows"] == q["rows"] == p["negatives"] == q["negatives"] > 0
+        assert p["hits"] == p["pool_rows"] and q["hits"] <= q["pool_rows"]
+        assert q["pool"] > p["pool"]  # a 10-item pool holds a held-out item more often than a 1-item one
+    assert json.loads((tmp_path / "held.json").read_text())["results"][1]["cell"] == "dns-10"
