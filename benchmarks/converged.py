@@ -174,6 +174,7 @@ def _fmt_paired(diffs: list[float]) -> str:
     if not diffs:
         return "–"
     mean, std, n = _mean_std(diffs)
+    mean = round(mean, 4) + 0.0  # no "-0.0000"
     ahead = sum(d > 0 for d in diffs)
     return f"{mean:+.4f} ± {std:.4f} ({ahead}/{n} seeds > 0)" if n > 1 else f"{mean:+.4f} (1 seed)"
 
