@@ -92,6 +92,13 @@ def check_number(config: Config, key: str, low: float, high: float = math.inf, i
     return value
 
 
+def check_bool(config: Config, key: str) -> bool:
+    """``config[key]``, checked to be ``true`` or ``false``; else ``ValueError`` naming the key."""
+    if not isinstance(config[key], bool):
+        raise ValueError(f"{key} must be true or false, got {config[key]!r}")
+    return config[key]
+
+
 def require_one(config: Config, key: str, sampler: str, why: str, hint: str = "") -> None:
     """``ValueError`` unless ``config[key]`` is 1 (a sampler's ``top_m`` or ``neg_num``), naming the key, the
     sampler and why it needs 1; ``hint`` is appended to the message."""

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from recbole_mdcns.config import packaged_yaml, require_one
+from recbole_mdcns.config import check_bool, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.methods.divns import synthesis_is_exact
@@ -239,8 +239,7 @@ class DENSModule(NegativeSamplingModule):
     @staticmethod
     def validate_config(config) -> None:
         require_one(config, "top_m", "dens", "its negative is the argmax of the factor-aware score")
-        if not isinstance(config["dens_compile"], bool):
-            raise ValueError(f"dens_compile must be true or false, got {config['dens_compile']!r}")
+        check_bool(config, "dens_compile")
         for key in ("dens_gamma", "dens_warmup"):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \

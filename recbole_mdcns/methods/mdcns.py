@@ -51,7 +51,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import dict2str, set_color
 
 from recbole_mdcns.companion_models import build_companion, load_frozen_model
-from recbole_mdcns.config import NO_BPR_MODELS, packaged_yaml, require_one
+from recbole_mdcns.config import NO_BPR_MODELS, check_bool, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
 from recbole_mdcns.full_sequence import LOSS_SCALE
@@ -247,8 +247,7 @@ def _validate_weights(config) -> None:
         raise ValueError(f"mdcns_kl_reduction must be one of {list(KL_REDUCTIONS)}, "
                          f"got {config['mdcns_kl_reduction']!r}")
     for key in ("mdcns_kl_include_positive", "mdcns_eval_peer"):
-        if not isinstance(config[key], bool):
-            raise ValueError(f"{key} must be true or false, got {config[key]!r}")
+        check_bool(config, key)
 
 
 def _validate_teachers(config) -> None:
