@@ -298,10 +298,9 @@ def todo_commands(e: Evidence) -> list[str]:
     """``benchmarks.run`` commands for the tuning cells and the chosen settings' seeds not yet run."""
     grid = f"benchmarks/grids/{e.grid}.yaml"
     runnable = next_cells(e)
-    tuning = [label for label, seed in runnable if seed == e.tuning_seed and not any(
-        f.chosen == label for f in e.families.values())]
-    seeds = OrderedDict((f.chosen, None) for f in e.families.values()
-                        if f.chosen and any((f.chosen, s) not in e.records for s in e.seeds))
+    chosen = {f.chosen for f in e.families.values() if f.chosen}
+    tuning = [label for label, _ in runnable if label not in chosen]
+    seeds = OrderedDict((label, None) for label, _ in runnable if label in chosen)
     if not (tuning or seeds):
         return []
     lines = [f"# {len(tuning)} tuning cells runnable now; chosen settings still short of {len(e.seeds)} seeds: "

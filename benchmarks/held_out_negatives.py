@@ -59,7 +59,7 @@ def _trainer_class():
             state = {}
 
             def training_loss(batch):
-                state["held"] = held = self.held.to(batch[CANDIDATES].device)[batch[module.model.USER_ID].long()]
+                state["held"] = held = self.held[batch[module.model.USER_ID].long()]
                 pool = batch[CANDIDATES].unsqueeze(-1) == held.unsqueeze(1)  # [R, N, 2]
                 pool &= held.unsqueeze(1) > 0
                 tally = self.counts[module.current_epoch]
@@ -93,7 +93,7 @@ def measure(cell, epochs: int, workdir: Path) -> dict:
     dataset, train_data, valid_data, test_data = load_data(config)
     model = build_model(config, train_data)
     trainer = _trainer_class()(config, model)
-    trainer.held = held_out_items(valid_data, test_data, dataset.user_num)
+    trainer.held = held_out_items(valid_data, test_data, dataset.user_num).to(config["device"])
     trainer.counts = defaultdict(lambda: defaultdict(int))
     start = time.perf_counter()
     trainer.fit(train_data, None, verbose=False, saved=False)
