@@ -34,8 +34,9 @@ from benchmarks.run import load_grid
 
 
 def held_out_items(valid_data, test_data, n_users: int) -> torch.Tensor:
-    """``[n_users, 2]``: each user's validation and test target (0 where a user has none)."""
-    held = torch.zeros(n_users, 2, dtype=torch.long)
+    """``[n_users, 2]``: each user's validation and test target (-1, which matches no item, where a user has
+    none)."""
+    held = torch.full((n_users, 2), -1, dtype=torch.long)
     for column, loader in enumerate((valid_data, test_data)):
         dataset = loader._dataset
         inter = dataset.inter_feat
@@ -61,7 +62,6 @@ def _trainer_class():
             def training_loss(batch):
                 state["held"] = held = self.held[batch[module.model.USER_ID].long()]
                 pool = batch[CANDIDATES].unsqueeze(-1) == held.unsqueeze(1)  # [R, N, 2]
-                pool &= held.unsqueeze(1) > 0
                 tally = self.counts[module.current_epoch]
                 tally["rows"] += len(held)
                 tally["pool_rows"] += int(pool.any(-1).any(-1).sum())
@@ -73,7 +73,7 @@ def _trainer_class():
                     raise ValueError(f"{type(module).__name__} records negatives not one row per target")
                 tally = self.counts[module.current_epoch]
                 tally["negatives"] += ids.numel()
-                tally["hits"] += int(((ids.unsqueeze(-1) == held.unsqueeze(1)) & (held.unsqueeze(1) > 0)).sum())
+                tally["hits"] += int((ids.unsqueeze(-1) == held.unsqueeze(1)).sum())
                 return record(ids)
 
             module.training_loss, module.record_negatives = training_loss, record_negatives
