@@ -104,8 +104,18 @@ class Cell:
         config = copy.deepcopy(self.config)
         if self.data_path:
             config["data_path"] = self.data_path
-        config["checkpoint_dir"] = str(workdir / self.key / "saved")
+        saved = workdir / self.key / "saved"
+        config["checkpoint_dir"] = str(saved)
+        resume = last_checkpoint(saved)
+        if resume is not None:  # an earlier attempt was killed (e.g. a session ended): go on from its last epoch
+            config["resume_from"] = str(resume)
         return config
+
+
+def last_checkpoint(saved: Path) -> Path | None:
+    """The newest ``last.ckpt`` a sampler run wrote under ``saved`` (one per attempt), if any."""
+    found = sorted(saved.glob("*-lightning/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def _hash(value) -> str:
@@ -242,7 +252,7 @@ def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False) ->
     config = cell.run_config(workdir)
     record = {"schema": SCHEMA, "key": cell.key, "group": cell.group, "cell": _cell_fields(cell),
               "config": cell.config, "run_config": config, "command": command, "git": git_state(),
-              "versions": versions(), "started_at": _now()}
+              "versions": versions(), "started_at": _now(), "resumed_from": config.get("resume_from")}
     start = time.perf_counter()
     probe = TrainingProbe()
     peak = None
@@ -354,9 +364,10 @@ def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float 
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = cell_dir / "cell.json"
     spec.write_text(json.dumps({"cell": asdict(cell), "command": command, "workdir": str(workdir)}))
-    log = cell_dir / "log.txt"
+    log = cell_dir / "log.txt"  # appended to: a resumed cell keeps the killed attempt's lines
+    offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
-    with open(log, "w") as out:
+    with open(log, "a") as out:
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--run-cell", str(spec)],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=_child_env(),
@@ -364,7 +375,9 @@ def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float 
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-    text = log.read_text(errors="replace")
+    with open(log, errors="replace") as handle:
+        handle.seek(offset)
+        text = handle.read()
     done = [line for line in text.splitlines() if line.startswith(RESULT_TAG)]
     if done:
         return json.loads(done[-1][len(RESULT_TAG):])

@@ -285,7 +285,9 @@ class NegSamplingTrainer(Trainer):
         callbacks: list[pl.Callback] = [RecBoleProgressBar()] if show_progress else []  # closed before the log lines
         callbacks.append(RecBoleEpochEnd(self, train_data, valid_data, verbose, saved, callback_fn, show_progress))
         if saved:
-            callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, save_last=True, save_top_k=0))
+            # last.ckpt rewritten at every epoch's end, for ``resume_from`` after a killed run. (save_last=True with
+            # save_top_k=0 writes it only when training ends: Lightning copies "last" only after a top-k save.)
+            callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, filename="last", save_top_k=1))
         self.datamodule = RecBoleTrainData(train_data, self.config["seed"])
         with lightning_output():  # Lightning's log lines through RecBole's logger, its harmless warnings ignored
             lit = self.lightning_trainer = self._lightning_trainer(callbacks)

@@ -91,6 +91,25 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
             assert f"](plots/{name})" in text
 
 
+def test_a_killed_cell_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    from recbole_mdcns import run_recbole
+
+    monkeypatch.chdir(tmp_path)
+    (cell,) = [c for c in run.load_grid(_grid(tmp_path)) if c.sampler == "dns-10" and c.seed == 2020]
+    uninterrupted = run.run_cell(cell, tmp_path / "uninterrupted", "test")
+    assert uninterrupted["resumed_from"] is None
+    # what an attempt killed after epoch 0 leaves in the cell's folder: its .pth and epoch 0's last.ckpt
+    work = tmp_path / "work"
+    run_recbole(cell.model, cell.dataset, config_dict=dict(cell.run_config(work), epochs=1))
+    killed = run.last_checkpoint(work / cell.key / "saved")
+    assert killed is not None and killed.name == "last.ckpt"
+    resumed = run.run_cell(cell, work, "test")
+    assert resumed["status"] == "ok", resumed.get("traceback")
+    assert resumed["resumed_from"] == str(killed)
+    assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
+    assert resumed["epochs"] == uninterrupted["epochs"] == 2
+
+
 def test_results_file_tolerates_torn_lines(tmp_path):
     path = tmp_path / "r.jsonl"
     run.append_result(path, {"key": "a", "status": "ok"})

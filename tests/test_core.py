@@ -220,6 +220,32 @@ def test_same_seed_same_result_and_resume_matches(tiny_data, in_tmp):
     assert resumed["test_result"] == first["test_result"]
 
 
+def test_last_checkpoint_written_every_epoch_resumes_a_killed_run(tiny_data, in_tmp):
+    """A run killed mid-training resumes from the last.ckpt its last finished epoch wrote."""
+    import shutil
+
+    from recbole_mdcns.quick_start import build_model, build_trainer, load_data
+
+    config = create_config("SASRec", "tiny", config_dict=tiny_config(
+        tiny_data, in_tmp, neg_sampler="dns", candidate_num=20, top_m=3, epochs=3, stopping_step=10))
+    _, train_data, valid_data, test_data = load_data(config)
+    trainer = build_trainer(config, build_model(config, train_data))
+    snapshot = in_tmp / "killed-after-epoch-0.ckpt"
+
+    def copy_last_checkpoint(epoch: int, score: float) -> None:  # runs before this epoch's own save
+        if epoch == 1:
+            shutil.copy(os.path.join(trainer.lightning_dir, "last.ckpt"), snapshot)
+
+    trainer.fit(train_data, valid_data, callback_fn=copy_last_checkpoint)
+    uninterrupted = trainer.evaluate(test_data)
+    assert torch.load(snapshot, weights_only=True)["epoch"] == 0
+    resumed = run_recbole("SASRec", "tiny", config_dict=tiny_config(
+        tiny_data, in_tmp, neg_sampler="dns", candidate_num=20, top_m=3, epochs=3, stopping_step=10,
+        resume_from=str(snapshot)))
+    assert resumed["test_result"] == uninterrupted
+    assert resumed["train_info"]["epochs"] == 3
+
+
 def _cli(tmp_path: Path, tiny_data: Path, *flags: str) -> list[str]:
     """``python -m recbole_mdcns`` on the tiny dataset, its config given as a YAML file."""
     config = tiny_config(tiny_data, tmp_path, state="INFO")
