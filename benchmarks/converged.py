@@ -35,6 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from benchmarks.common import REPO_ROOT, command_line
@@ -170,6 +171,44 @@ def paired(a: Family, b: Family, metric: str) -> tuple[list[float], list[int]]:
     return [va[s] - vb[s] for s in seeds], seeds
 
 
+def user_values(ranks: list[int], metric: str) -> np.ndarray:
+    """Per-user ``ndcg@k`` / ``recall@k`` from the held-out item's rank (0: below the top list), as
+    RecBole computes them for one held-out item per user."""
+    name, k = metric.split("@")
+    rank = np.asarray(ranks)
+    hit = (rank > 0) & (rank <= int(k))
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(np.maximum(rank, 1) + 1.0), 0.0)
+    if name in ("recall", "hit"):
+        return hit.astype(float)
+    raise ValueError(f"no per-user form for {metric!r}: ndcg@k, recall@k or hit@k")
+
+
+def users_interval(a: Family, b: Family, metric: str, split: str = "test", resamples: int = 2000,
+                   ) -> tuple[float, float, float, int, int] | None:
+    """``a - b`` over users: each user's difference averaged over the seeds both have, its mean and a
+    95% percentile bootstrap interval over users -- (mean, low, high, users, seeds). The users are the
+    same on every seed, so more seeds do not shrink this part of the noise. ``None`` unless every
+    shared seed's two records hold per-user ranks (``user_ranks``) for ``split``."""
+    seeds = sorted(set(a.records) & set(b.records))
+    ranks = [((a.records[s].get("user_ranks") or {}).get(split), (b.records[s].get("user_ranks") or {}).get(split))
+             for s in seeds]
+    if not seeds or any(ra is None or rb is None for ra, rb in ranks):
+        return None
+    per_user = np.mean([user_values(ra, metric) - user_values(rb, metric) for ra, rb in ranks], axis=0)
+    rng = np.random.default_rng(0)
+    means = per_user[rng.integers(0, len(per_user), size=(resamples, len(per_user)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(per_user.mean()), float(low), float(high), len(per_user), len(seeds)
+
+
+def _fmt_interval(interval: tuple[float, float, float, int, int] | None) -> str:
+    if interval is None:
+        return "–"
+    mean, low, high, users, seeds = interval
+    return f"{mean + 0.0:+.4f} [{low + 0.0:+.4f}, {high + 0.0:+.4f}] ({users} users × {seeds} seeds)"
+
+
 def _fmt_paired(diffs: list[float]) -> str:
     if not diffs:
         return "–"
@@ -232,8 +271,14 @@ def render_dataset(e: Evidence) -> list[str]:
         lines.append(f"| {f.name}{'' if f.role == 'baseline' else ' *'} | `{f.chosen}` ({f.why}) | "
                      f"{_fmt(*test)} (n={test[2]}) | {_fmt(*recall)} | {_fmt(*valid)} | {epochs} | {diff} |")
     if e.claims:
-        lines += ["", "### Claims", "", f"Paired test {m.upper()} differences over the seeds both have.", "",
-                  "| claim | per seed | mean ± std | holds |", "|---|---|---|---|"]
+        lines += ["", "### Claims", "",
+                  f"Paired test {m.upper()} differences over the seeds both have. Users: each test (validation) "
+                  "user's difference averaged over those seeds, its mean and 95% bootstrap interval over users "
+                  "(2,000 resamples), where both sides' records hold per-user ranks (`–`: a record predates them; "
+                  "`python -m benchmarks.converged --user-ranks FAMILY` re-runs it). The users are the same on every "
+                  "seed, so seeds do not shrink the part of the noise that comes from which users the test has.", "",
+                  "| claim | per seed | mean ± std | holds | users: test | users: validation |",
+                  "|---|---|---|---|---|---|"]
         for a, b in e.claims:
             fa, fb = e.families[a], e.families[b]
             diffs, seeds = paired(fa, fb, m)
@@ -242,7 +287,9 @@ def render_dataset(e: Evidence) -> list[str]:
                      "no" if all(d <= 0 for d in diffs) else "mixed")
             if diffs and len(diffs) < len(e.seeds):
                 holds += f" (only {len(diffs)} of {len(e.seeds)} seeds)"
-            lines.append(f"| {a} > {b} | {per_seed} | {_fmt_paired(diffs)} | {holds} |")
+            lines.append(f"| {a} > {b} | {per_seed} | {_fmt_paired(diffs)} | {holds} | "
+                         f"{_fmt_interval(users_interval(fa, fb, m))} | "
+                         f"{_fmt_interval(users_interval(fa, fb, m, 'valid'))} |")
     todo = todo_commands(e)
     if todo:
         lines += ["", "### Still to run", "", "```bash"] + todo + ["```"]
@@ -288,6 +335,33 @@ def drive(grids: list[str], results: list[str] | None, first: list[str] | None =
         tried.add((e.dataset, label, seed))
         print(f"[converged] {e.dataset}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
         run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | * | {e.dataset} | *"])
+
+
+def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[str], command: str) -> None:
+    """``--user-ranks``: re-run, in a fresh process each, the records of these families' chosen settings
+    that hold no per-user ranks. The new record (same key) supersedes the old one; same seed and config
+    give the same run on a CPU, and this says whether the test metrics came out the same."""
+    from benchmarks import run
+
+    records, _, _ = load(results or _results_paths(grids))
+    by_key = {r["key"]: r for r in records}
+    for grid in grids:
+        spec = {**DEFAULTS, **((yaml.safe_load(Path(grid).read_text()) or {}).get("selection") or {})}
+        cells = {c.key: c for c in load_grid(grid, seeds=sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])}))}
+        for e in build(grid, by_key):
+            unknown = [name for name in families if name not in e.families]
+            if unknown:
+                raise SystemExit(f"--user-ranks {unknown}: not a family of {grid}; families: {list(e.families)}")
+            for name in families:
+                for seed, old in sorted(e.families[name].records.items()):
+                    if (old.get("user_ranks") or {}).get("test") is not None:
+                        continue
+                    print(f"[converged] {e.dataset}: {name} ({e.families[name].chosen}), seed {seed}: re-run for "
+                          "per-user ranks", flush=True)
+                    (new,) = run.run_grid([cells[old["key"]]], command, again=True)
+                    same = new.get("status") == "ok" and new.get("test") == old.get("test")
+                    print(f"[converged]   test metrics {'the same' if same else 'DIFFER'}: "
+                          f"{old['test'][e.metric]:.4f} -> {(new.get('test') or {}).get(e.metric)}", flush=True)
 
 
 def _results_paths(grids: list[str]) -> list[str]:
@@ -354,7 +428,11 @@ def main(argv=None) -> Path:
     parser.add_argument("--run", action="store_true", help="run the protocol's next cells until none is left")
     parser.add_argument("--first", action="append", default=[], metavar="FAMILY",
                         help="with --run: take this family before the grid's priority (repeatable)")
+    parser.add_argument("--user-ranks", action="append", default=[], metavar="FAMILY",
+                        help="re-run this family's chosen records that hold no per-user ranks (repeatable)")
     args = parser.parse_args(argv)
+    if args.user_ranks:
+        fill_user_ranks(args.grid, args.results, args.user_ranks, command_line(argv, "benchmarks.converged"))
     if args.run:
         drive(args.grid, args.results, args.first)
     paths = args.results or _results_paths(args.grid)

@@ -16,6 +16,9 @@ harness wraps, for the duration of one cell and at class level:
   candidate loader -- seconds spent drawing negatives / candidate pools in the
   loader (RecBole's dynamic DNS also scores its candidates there; recbole-mdcns
   scores its pool in the training step, which this does not see);
+* ``recbole.evaluator.Evaluator.evaluate`` -- each user's rank of the held-out item (1..max topk,
+  0 below it) from RecBole's own ``rec.topk``: the self model's validation at its best epoch and
+  the test, so claims can be bootstrapped over users (with one held-out item per user only);
 * ``NegSamplingTrainer.build_module`` -- the LightningModule, whose
   ``negative_history`` (DivNS' negative-diversity records) and
   ``extra_valid_results`` (MDCNS' peer / ensemble validation) are copied if present.
@@ -39,6 +42,10 @@ class TrainingProbe:
         self.loader_sampling_s = 0.0
         self.loader_sampling_calls = 0
         self._sampling_depth = 0
+        self._last_ranks: list[int] | None = None            # the latest evaluation's per-user ranks
+        self._valid_depth = 0
+        self._best_valid: tuple[float, int, list[int] | None] | None = None  # (score, epoch, ranks)
+        self.test_ranks: list[int] | None = None
         self._patches: list[tuple[type, str, object]] = []
 
     # -- patching ---------------------------------------------------------------------------
@@ -51,6 +58,7 @@ class TrainingProbe:
 
     def __enter__(self) -> "TrainingProbe":
         from recbole.data.dataloader import abstract_dataloader, general_dataloader
+        from recbole.evaluator import Evaluator
         from recbole.trainer import Trainer
 
         probe = self
@@ -72,11 +80,31 @@ class TrainingProbe:
         def valid_epoch(original):
             def wrapper(trainer, *args, **kwargs):
                 start = perf_counter()
-                out = original(trainer, *args, **kwargs)
+                probe._valid_depth += 1
+                try:
+                    out = original(trainer, *args, **kwargs)
+                finally:
+                    probe._valid_depth -= 1
                 if trainer is probe.trainer and trainer.model is probe.self_model:
                     epoch = probe.epochs[-1][0] if probe.epochs else len(probe.valid)
                     probe.valid.append((epoch, float(out[0]), perf_counter() - start))
+                    probe._keep_if_best(epoch, float(out[0]))
                 return out
+            return wrapper
+
+        def trainer_evaluate(original):
+            def wrapper(trainer, *args, **kwargs):
+                probe._last_ranks = None
+                out = original(trainer, *args, **kwargs)
+                if trainer is probe.trainer and trainer.model is probe.self_model and not probe._valid_depth:
+                    probe.test_ranks = probe._last_ranks  # the run's last such call is its test
+                return out
+            return wrapper
+
+        def evaluator_evaluate(original):
+            def wrapper(evaluator, struct, *args, **kwargs):
+                probe._last_ranks = held_out_ranks(struct)
+                return original(evaluator, struct, *args, **kwargs)
             return wrapper
 
         def neg_sampling(original):
@@ -98,6 +126,8 @@ class TrainingProbe:
         self._patch(Trainer, "__init__", init)
         self._patch(Trainer, "_generate_train_loss_output", train_output)
         self._patch(Trainer, "_valid_epoch", valid_epoch)
+        self._patch(Trainer, "evaluate", trainer_evaluate)
+        self._patch(Evaluator, "evaluate", evaluator_evaluate)
         loaders = [abstract_dataloader.NegSampleDataLoader, general_dataloader.TrainDataLoader]
         try:
             from recbole_mdcns import data as mdcns_data
@@ -124,6 +154,23 @@ class TrainingProbe:
         for cls, name, original in reversed(self._patches):
             setattr(cls, name, original)
         self._patches.clear()
+
+    def _keep_if_best(self, epoch: int, score: float) -> None:
+        """Keep this validation's per-user ranks while it is the best (RecBole's rule: ties go to the later)."""
+        bigger = bool(self.config["valid_metric_bigger"]) if self.config is not None else True
+        best = self._best_valid
+        if best is None or (score >= best[0] if bigger else score <= best[0]):
+            self._best_valid = (score, epoch, self._last_ranks)
+
+    def user_ranks(self, best_epoch: int | None) -> dict | None:
+        """Per-user ranks of the held-out item (RecBole's user order): the test, and the validation
+        at ``best_epoch`` (``None`` when this process did not see that epoch, e.g. a resumed run)."""
+        if self.test_ranks is None:
+            return None
+        best = self._best_valid
+        valid = best[2] if best is not None and best[1] == best_epoch else None
+        return {"top": max(self.config["topk"]) if self.config is not None else None,
+                "valid": valid, "test": self.test_ranks}
 
     # -- results ----------------------------------------------------------------------------
     def best_epoch(self) -> int | None:
@@ -167,3 +214,17 @@ class TrainingProbe:
         from benchmarks.common import to_jsonable
 
         return to_jsonable(dict(self.config.final_config_dict))
+
+
+def held_out_ranks(struct) -> list[int] | None:
+    """Each user's rank (1-based) of its held-out item within the top ``max(topk)``, 0 below it, from
+    RecBole's ``rec.topk`` (hit flags per position, then the user's number of held-out items);
+    ``None`` unless every user has exactly one held-out item (then NDCG@k and Recall@k follow from it)."""
+    if "rec.topk" not in struct:
+        return None
+    topk = struct.get("rec.topk")
+    hits, positives = topk[:, :-1].bool(), topk[:, -1]
+    if not bool((positives == 1).all()):
+        return None
+    first = hits.float().argmax(dim=1) + 1
+    return (first * hits.any(dim=1)).tolist()

@@ -263,6 +263,7 @@ def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False) ->
         info = probe.summary()
         train_info = result.get("train_info") if isinstance(result, dict) else None
         record.update(status="ok", **_result_fields(result, info, train_info))
+        record["user_ranks"] = probe.user_ranks(record["best_epoch"])
     except Exception as error:  # noqa: BLE001 -- one failed cell must not stop the grid
         record.update(status="error", error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc()[-4000:], **{"probe": probe.summary()})
@@ -419,11 +420,13 @@ def _describe(record: dict) -> str:
 
 
 def run_grid(cells: list[Cell], command: str, in_process: bool = False, keep_checkpoints: bool = False,
-             timeout: float | None = None, stop_on_error: bool = False, workdir: Path | None = None) -> list[dict]:
-    """Run the unfinished cells in order; returns the records written by this call."""
+             timeout: float | None = None, stop_on_error: bool = False, workdir: Path | None = None,
+             again: bool = False) -> list[dict]:
+    """Run the unfinished cells (``again``: every cell, a finished one gets a newer record) in order;
+    returns the records written by this call."""
     written = []
     done = set()
-    for results in {c.results for c in cells}:
+    for results in () if again else {c.results for c in cells}:
         done |= finished_keys(results)
     todo = [c for c in cells if c.key not in done]
     print(f"[grid] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", flush=True)

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import write_dataset
 
-from benchmarks import report, run
+from benchmarks import converged, report, run
 
 try:
     import matplotlib  # noqa: F401  (the `bench` extra; without it the report has no plots)
@@ -74,6 +74,11 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
         assert r["resolved_config"]["neg_sampler"] == r["config"]["neg_sampler"]
         assert r["resolved_config"]["candidate_num"] == r["config"].get("candidate_num", 1)
         assert 0 <= r["sampling_share"] < 1
+        ranks = r["user_ranks"]  # each user's rank of its held-out item gives RecBole's metrics back
+        assert ranks["top"] == 20 and len(ranks["test"]) == len(ranks["valid"]) > 0
+        for split in ("valid", "test"):
+            for metric in ("ndcg@10", "recall@5", "ndcg@20"):
+                assert converged.user_values(ranks[split], metric).mean() == pytest.approx(r[split][metric], abs=1e-4)
     assert [r["isolation"] for r in records] == ["in-process"] * 3 + ["subprocess"]
 
     out = report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
@@ -108,6 +113,7 @@ def test_a_killed_cell_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert resumed["resumed_from"] == str(killed)
     assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
     assert resumed["epochs"] == uninterrupted["epochs"] == 2
+    assert resumed["user_ranks"]["test"] == uninterrupted["user_ranks"]["test"]
 
 
 def test_results_file_tolerates_torn_lines(tmp_path):
@@ -242,3 +248,31 @@ def test_held_out_negatives_counts_the_users_validation_and_test_items(tmp_path,
         assert p["hits"] == p["pool_rows"] and q["hits"] <= q["pool_rows"]
         assert q["pool"] > p["pool"]  # a 10-item pool holds a held-out item more often than a 1-item one
     assert json.loads((tmp_path / "held.json").read_text())["results"][1]["cell"] == "dns-10"
+
+
+def test_user_ranks_give_per_user_metrics_and_a_bootstrap_over_users():
+    import torch
+    from recbole.evaluator.collector import DataStruct
+
+    from benchmarks.probe import held_out_ranks
+
+    struct = DataStruct()  # RecBole's rec.topk: hit flags at ranks 1..4, then the user's held-out count
+    struct.set("rec.topk", torch.tensor([[0, 0, 1, 0, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]]))
+    assert held_out_ranks(struct) == [3, 0, 1]
+    struct.set("rec.topk", torch.tensor([[0, 1, 1, 0, 2]]))
+    assert held_out_ranks(struct) is None  # two held-out items: a rank says too little
+    assert converged.user_values([3, 0, 1, 11], "ndcg@10").tolist() == [0.5, 0.0, 1.0, 0.0]
+    assert converged.user_values([3, 0, 1, 11], "recall@5").tolist() == [1.0, 0.0, 1.0, 0.0]
+
+    def family(name, *per_seed):
+        return converged.Family(name, "proposed", [name], records={
+            2020 + i: {"user_ranks": {"test": ranks, "valid": None}} for i, ranks in enumerate(per_seed)})
+
+    a = family("a", [1] * 50 + [0] * 50, [1] * 50 + [0] * 50)
+    b = family("b", [0] * 100, [1] * 100)
+    mean, low, high, users, seeds = converged.users_interval(a, b, "ndcg@10")
+    assert (users, seeds) == (100, 2) and mean == pytest.approx(0.0)  # +0.5 on one seed, -0.5 on the other
+    assert low < 0 < high
+    mean, low, high, _, _ = converged.users_interval(a, family("c", [0] * 100, [0] * 100), "ndcg@10")
+    assert mean == pytest.approx(0.5) and 0.35 < low < 0.5 < high < 0.65
+    assert converged.users_interval(a, b, "ndcg@10", split="valid") is None  # no validation ranks
