@@ -40,7 +40,7 @@ import yaml
 
 from benchmarks.common import REPO_ROOT, command_line
 from benchmarks.report import Row, _bar_panel, _fmt, _mean_std, _save, _slug, load
-from benchmarks.run import load_grid
+from benchmarks.run import Cell, load_grid
 
 DEFAULTS = {"metric": "ndcg@10", "tuning_seed": 2020, "seeds": [2020, 2021, 2022]}
 
@@ -74,6 +74,7 @@ class Evidence:
     seeds: list[int]
     configs: dict[str, dict]  # label -> cell config (tuning seed)
     records: dict[tuple[str, int], dict]  # (label, seed) -> ok record
+    cells: dict[tuple[str, int], Cell]  # (label, seed) -> the grid's cell
     families: "OrderedDict[str, Family]"
     claims: list[tuple[str, str]]
     priority: list[str] = field(default_factory=list)
@@ -104,6 +105,7 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
         evidence = Evidence(grid=raw.get("name", Path(grid_path).stem), dataset=dataset, metric=spec["metric"],
                             tuning_seed=int(spec["tuning_seed"]), seeds=[int(s) for s in spec["seeds"]],
                             configs=configs, records=_label_seed_records(mine, records_by_key),
+                            cells={(c.sampler, c.seed): c for c in mine},
                             families=OrderedDict(), claims=[tuple(pair) for pair in spec.get("claims") or []],
                             priority=list(spec.get("priority") or []),
                             cap=int(next(iter(configs.values())).get("epochs", 0)),
@@ -346,19 +348,18 @@ def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[
     records, _, _ = load(results or _results_paths(grids))
     by_key = {r["key"]: r for r in records}
     for grid in grids:
-        spec = {**DEFAULTS, **((yaml.safe_load(Path(grid).read_text()) or {}).get("selection") or {})}
-        cells = {c.key: c for c in load_grid(grid, seeds=sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])}))}
         for e in build(grid, by_key):
             unknown = [name for name in families if name not in e.families]
             if unknown:
                 raise SystemExit(f"--user-ranks {unknown}: not a family of {grid}; families: {list(e.families)}")
             for name in families:
-                for seed, old in sorted(e.families[name].records.items()):
+                family = e.families[name]
+                for seed, old in sorted(family.records.items()):
                     if (old.get("user_ranks") or {}).get("test") is not None:
                         continue
-                    print(f"[converged] {e.dataset}: {name} ({e.families[name].chosen}), seed {seed}: re-run for "
+                    print(f"[converged] {e.dataset}: {name} ({family.chosen}), seed {seed}: re-run for "
                           "per-user ranks", flush=True)
-                    (new,) = run.run_grid([cells[old["key"]]], command, again=True)
+                    (new,) = run.run_grid([e.cells[(family.chosen, seed)]], command, again=True)
                     same = new.get("status") == "ok" and new.get("test") == old.get("test")
                     print(f"[converged]   test metrics {'the same' if same else 'DIFFER'}: "
                           f"{old['test'][e.metric]:.4f} -> {(new.get('test') or {}).get(e.metric)}", flush=True)

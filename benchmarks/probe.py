@@ -156,11 +156,17 @@ class TrainingProbe:
         self._patches.clear()
 
     def _keep_if_best(self, epoch: int, score: float) -> None:
-        """Keep this validation's per-user ranks while it is the best (RecBole's rule: ties go to the later)."""
-        bigger = bool(self.config["valid_metric_bigger"]) if self.config is not None else True
-        best = self._best_valid
-        if best is None or (score >= best[0] if bigger else score <= best[0]):
+        """Keep this validation's per-user ranks while it is the best, by RecBole's ``early_stopping`` rule
+        (ties go to the later), as :meth:`best_epoch` replays it."""
+        from recbole.utils import early_stopping
+
+        bigger = self._bigger()
+        best = self._best_valid[0] if self._best_valid else (-float("inf") if bigger else float("inf"))
+        if early_stopping(score, best, 0, max_step=10**9, bigger=bigger)[3]:
             self._best_valid = (score, epoch, self._last_ranks)
+
+    def _bigger(self) -> bool:
+        return bool(self.config["valid_metric_bigger"]) if self.config is not None else True
 
     def user_ranks(self, best_epoch: int | None) -> dict | None:
         """Per-user ranks of the held-out item (RecBole's user order): the test, and the validation
@@ -179,7 +185,7 @@ class TrainingProbe:
             return None
         from recbole.utils import early_stopping
 
-        bigger = bool(self.config["valid_metric_bigger"]) if self.config is not None else True
+        bigger = self._bigger()
         best, step, best_epoch = (-float("inf") if bigger else float("inf")), 0, None
         for epoch, score, _ in self.valid:
             best, step, _, update = early_stopping(score, best, step, max_step=10**9, bigger=bigger)
