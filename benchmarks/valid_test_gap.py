@@ -11,11 +11,54 @@ per-user differences on validation and on test (each averaged over the seeds). R
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.converged import _results_paths, build, user_values
+from benchmarks.converged import Family, _results_paths, build, user_values
 from benchmarks.report import load
+
+
+@dataclass
+class SeedGap:
+    """One family's record at one seed."""
+
+    family: str
+    chosen: str
+    seed: int
+    best_valid: float
+    near_best_valid: float  # mean validation over the best epoch ± ``window``
+    hits: dict[str, int | None]  # split -> users with the held-out item in the top k (None: no ranks)
+    users: int
+
+
+def seed_gaps(family: Family, k: int, window: int = 5) -> list[SeedGap]:
+    """Per seed: best validation, validation around the best epoch, users with a hit@k per split."""
+    out = []
+    for seed, record in sorted(family.records.items()):
+        scores = np.array([score for _, score in record["valid_scores"]])
+        best = int(np.argmax(scores))
+        ranks = record.get("user_ranks") or {}
+        hits = {split: None if ranks.get(split) is None
+                else int(((np.asarray(ranks[split]) > 0) & (np.asarray(ranks[split]) <= k)).sum())
+                for split in ("valid", "test")}
+        out.append(SeedGap(family.name, family.chosen, seed, float(scores.max()),
+                           float(scores[max(0, best - window):best + window + 1].mean()), hits,
+                           len(ranks.get("test") or [])))
+    return out
+
+
+def split_correlation(a: Family, b: Family, metric: str) -> float | None:
+    """Correlation over users of ``a - b`` per user on validation with the same on test (each averaged over
+    the seeds both have); None when a seed lacks the ranks."""
+    seeds = sorted(set(a.records) & set(b.records))
+    diffs = {}
+    for split in ("valid", "test"):
+        pairs = [[(f.records[s].get("user_ranks") or {}).get(split) for f in (a, b)] for s in seeds]
+        if not seeds or any(x is None or y is None for x, y in pairs):
+            return None
+        diffs[split] = np.mean([user_values(x, metric) - user_values(y, metric) for x, y in pairs], axis=0)
+    return float(np.corrcoef(diffs["valid"], diffs["test"])[0, 1])
 
 
 def main(argv=None) -> None:
@@ -27,26 +70,16 @@ def main(argv=None) -> None:
     records, _, _ = load(_results_paths([args.grid]))
     k = int(args.metric.split("@")[1])
     for e in build(args.grid, {r["key"]: r for r in records}):
-        families = [e.families[name] for name in args.pair]
-        for family in families:
-            for seed, record in sorted(family.records.items()):
-                scores = np.array([score for _, score in record["valid_scores"]])
-                best = int(np.argmax(scores))
-                ranks = record.get("user_ranks") or {}
-                hits = {split: int(((np.asarray(r) > 0) & (np.asarray(r) <= k)).sum()) if r is not None else None
-                        for split, r in ((s, ranks.get(s)) for s in ("valid", "test"))}
-                print(f"{e.dataset} {family.name} ({family.chosen}) seed {seed}: valid best {scores.max():.4f}, "
-                      f"best epoch ± 5 {scores[max(0, best - 5):best + 6].mean():.4f}; users with a hit@{k}: "
-                      f"valid {hits['valid']}, test {hits['test']} (of {len(ranks.get('test') or [])})")
-        diffs = {}
-        for split in ("valid", "test"):
-            seeds = sorted(set(families[0].records) & set(families[1].records))
-            per_seed = [[(f.records[s].get("user_ranks") or {}).get(split) for f in families] for s in seeds]
-            if seeds and all(a is not None and b is not None for a, b in per_seed):
-                diffs[split] = np.mean([user_values(a, args.metric) - user_values(b, args.metric)
-                                        for a, b in per_seed], axis=0)
-        if len(diffs) == 2:
-            r = np.corrcoef(diffs["valid"], diffs["test"])[0, 1]
+        missing = [name for name in args.pair if name not in e.families]
+        if missing:
+            parser.error(f"--pair: no family {missing} in {args.grid}; valid: {list(e.families)}")
+        a, b = (e.families[name] for name in args.pair)
+        for g in seed_gaps(a, k) + seed_gaps(b, k):
+            print(f"{e.dataset} {g.family} ({g.chosen}) seed {g.seed}: valid best {g.best_valid:.4f}, "
+                  f"best epoch ± 5 {g.near_best_valid:.4f}; users with a hit@{k}: "
+                  f"valid {g.hits['valid']}, test {g.hits['test']} (of {g.users})")
+        r = split_correlation(a, b, args.metric)
+        if r is not None:
             print(f"{e.dataset}: per-user {' - '.join(args.pair)} on validation vs on test, correlation {r:.2f}")
 
 

@@ -276,3 +276,27 @@ def test_user_ranks_give_per_user_metrics_and_a_bootstrap_over_users():
     mean, low, high, _, _ = converged.users_interval(a, family("c", [0] * 100, [0] * 100), "ndcg@10")
     assert mean == pytest.approx(0.5) and 0.35 < low < 0.5 < high < 0.65
     assert converged.users_interval(a, b, "ndcg@10", split="valid") is None  # no validation ranks
+
+
+def test_valid_test_gap_reads_the_window_hits_and_the_per_user_correlation():
+    """benchmarks.valid_test_gap: validation around the best epoch, users with a hit, and the correlation of
+    the per-user differences on validation with those on test."""
+    from benchmarks.valid_test_gap import seed_gaps, split_correlation
+
+    def family(name, valid_scores, valid, test):
+        return converged.Family(name, "proposed", [name], chosen=name, records={2020: {
+            "valid_scores": [[epoch, s] for epoch, s in enumerate(valid_scores)],
+            "user_ranks": {"valid": valid, "test": test}}})
+
+    scores = [0.1] * 10 + [0.9] + [0.1] * 10  # one lucky epoch: its ± 5 window is far below it
+    a = family("a", scores, valid=[1, 1, 0, 0], test=[1, 1, 0, 0])
+    gap, = seed_gaps(a, k=10)
+    assert gap.best_valid == pytest.approx(0.9)
+    assert gap.near_best_valid == pytest.approx((0.9 + 10 * 0.1) / 11)
+    assert gap.hits == {"valid": 2, "test": 2} and gap.users == 4
+    same = family("b", scores, valid=[0, 0, 1, 1], test=[0, 0, 1, 1])  # the users a wins are its own on both
+    assert split_correlation(a, same, "ndcg@10") == pytest.approx(1.0)
+    e = family("e", scores, valid=[1, 1, 0, 0], test=[0, 0, 1, 1])  # wins on validation what it loses on test
+    assert split_correlation(e, family("c", scores, valid=[0, 0, 1, 1], test=[1, 1, 0, 0]),
+                             "ndcg@10") == pytest.approx(-1.0)
+    assert split_correlation(a, family("d", scores, valid=None, test=[0] * 4), "ndcg@10") is None
