@@ -230,6 +230,24 @@ def append_result(path: str | Path, record: dict) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def cell_lock(base: Path, key: str):
+    """Yields whether this process holds the cell's lock (``<base>/<key>.lock``, ``flock``); a cell another
+    process is running is not started again, so several ``run``/``converged --run`` processes can share
+    one grid. The lock goes with its process: a killed run's cell is free at once (and resumes)."""
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f"{key}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def finished_keys(path: str | Path) -> set[str]:
     return {r["key"] for r in read_results(path) if r.get("status") == "ok" and "key" in r}
 
@@ -432,14 +450,19 @@ def run_grid(cells: list[Cell], command: str, in_process: bool = False, keep_che
     print(f"[grid] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", flush=True)
     for index, cell in enumerate(todo, 1):
         base = Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid).resolve()
-        base.mkdir(parents=True, exist_ok=True)
-        print(f"[{index}/{len(todo)}] {cell.name} ({cell.key}) ...", flush=True)
-        if in_process:
-            with _cwd(base):
-                record = run_cell(cell, base, command)
-            append_result(cell.results, record)
-        else:
-            record = run_cell_subprocess(cell, base, command, timeout)
+        with cell_lock(base, cell.key) as mine:
+            if not mine or (not again and cell.key in finished_keys(cell.results)):
+                print(f"[{index}/{len(todo)}] {cell.name} ({cell.key}): "
+                      f"{'running in another process' if not mine else 'finished by another process'}, skipped",
+                      flush=True)
+                continue
+            print(f"[{index}/{len(todo)}] {cell.name} ({cell.key}) ...", flush=True)
+            if in_process:
+                with _cwd(base):
+                    record = run_cell(cell, base, command)
+                append_result(cell.results, record)
+            else:
+                record = run_cell_subprocess(cell, base, command, timeout)
         written.append(record)
         print(f"[{index}/{len(todo)}] {_describe(record)}", flush=True)
         if not keep_checkpoints:

@@ -300,3 +300,22 @@ def test_valid_test_gap_reads_the_window_hits_and_the_per_user_correlation():
     assert split_correlation(e, family("c", scores, valid=[0, 0, 1, 1], test=[1, 1, 0, 0]),
                              "ndcg@10") == pytest.approx(-1.0)
     assert split_correlation(a, family("d", scores, valid=None, test=[0] * 4), "ndcg@10") is None
+
+
+def test_a_cell_another_process_runs_is_skipped_then_free_once_it_ends(tmp_path, monkeypatch):
+    """``run_grid``'s per-cell lock: two drivers over one grid never run the same cell; the lock goes with
+    its holder, so the cell runs once the holder ends."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    cells = [c for c in run.load_grid(_grid(tmp_path)) if c.seed == 2020]
+    work = tmp_path / "work"
+    busy = cells[0]
+    work.mkdir()
+    with open(work / f"{busy.key}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another driver is inside this cell
+        written = run.run_grid(cells, "test", in_process=True, workdir=work)
+        assert [r["cell"]["sampler"] for r in written] == [c.sampler for c in cells[1:]]
+        assert busy.key not in run.finished_keys(busy.results)
+    written = run.run_grid(cells, "test", in_process=True, workdir=work)  # its holder has ended
+    assert [r["key"] for r in written] == [busy.key] and written[0]["status"] == "ok"
