@@ -173,3 +173,24 @@ def test_dot_scorer_paths_agree_in_value_and_gradient(tiny_kg_data, in_tmp, monk
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
     assert results[0][1].abs().sum() > 0
+
+
+# issue 14's samplers on one model per scorer family besides SASRec's (their own tests): an RNN's h·E (GRU4Rec),
+# a dot product that is not forward()'s (FPMC), a distance (TransRec) and the generic predict() path (SHAN without
+# its scorer). DENS needs a scorer linear in the item vector: TransRec and the generic path are refused
+# (test_baselines.py).
+BASELINES = {"mixgcf": {"candidate_num": 4, "top_m": 2}, "ahns": {"candidate_num": 4}, "adasir": {"candidate_num": 8},
+             "gnno": {}, "srns": {}, "dens": {"candidate_num": 4, "dens_compile": False}}
+FAMILIES = {"GRU4Rec": scoring.DotScorer, "FPMC": scoring.FPMCScorer, "TransRec": scoring.TransRecScorer,
+            "SHAN": scoring.PredictScorer}
+
+
+@pytest.mark.parametrize("sampler,model", [(sampler, model) for sampler in BASELINES for model in FAMILIES
+                                           if sampler != "dens" or model in ("GRU4Rec", "FPMC")])
+def test_baseline_samplers_train_through_each_scorer_family(sampler, model, tiny_kg_data, in_tmp, scorer_spy,
+                                                             monkeypatch):
+    if model == "SHAN":
+        monkeypatch.delitem(scoring.MODEL_SCORERS, "SHAN")  # the generic path, as test_generic_path_...
+    config = tiny_config(tiny_kg_data, in_tmp, neg_sampler=sampler, **BASELINES[sampler])
+    _check_result(recbole_mdcns.run_recbole(model, "tiny", config_dict=config))
+    assert [(name, type(scorer)) for name, scorer in scorer_spy] == [(model, FAMILIES[model])]
