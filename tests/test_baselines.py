@@ -1,21 +1,13 @@
 """The papers' baselines mixgcf (MixGCF / MixGCF+), dens (DENS) and ahns (AHNS): selection rules on hand-made
-scores, the modules on a real batch, tiny SASRec runs, DENS's checkpoints, and one 2-process DDP run of all three."""
+scores, the modules on a real batch, tiny SASRec runs, DENS's checkpoints (their DDP run: test_ddp_baselines.py)."""
 from __future__ import annotations
 
-import collections
-import glob
 import itertools
 import math
-import os
-import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender import SASRec, TransRec
 from recbole.trainer import Trainer
@@ -333,47 +325,3 @@ def test_dens_run_resumes_exactly_and_its_recbole_checkpoint_loads_into_plain_sa
     result = Trainer(config, plain).evaluate(test_data, load_best_model=False)
     assert {k: round(float(v), 4) for k, v in result.items()} == dict(full["test_result"])
 
-
-# =========================================================================== DDP
-DDP_SCRIPT = """
-import os, sys
-import recbole_mdcns
-for name, extra in (("mixgcf", {"top_m": 2, "neg_num": 2}), ("dens", {}), ("ahns", {})):
-    result = recbole_mdcns.run_recbole("SASRec", "tiny", config_file_list=[sys.argv[1]], config_dict={
-        "neg_sampler": name, "checkpoint_dir": os.path.join(sys.argv[2], name), **extra})
-    # one write a line: both ranks share stdout, and print's separate writes of its arguments interleave
-    sys.stdout.write(f"RESULT {os.environ.get('LOCAL_RANK', '0')} {name} {dict(result['test_result'])}\\n")
-    sys.stdout.flush()
-"""
-
-
-def test_ddp_two_cpu_processes_mixgcf_dens_ahns(tiny_data, tmp_path):
-    """One 2-rank gloo launch trains all three samplers in turn (Lightning re-runs the script for rank 1).
-    Both ranks end with the same test results; each sampler's epoch counts every row of both ranks
-    (negative counts are all_gathered); DENS's gates and their param group are in rank 0's checkpoint."""
-    config = tiny_config(tiny_data, tmp_path, train_batch_size=32, candidate_num=20, use_gpu=False,
-                         accelerator="cpu", devices=2, strategy="ddp")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "three.py").write_text(textwrap.dedent(DDP_SCRIPT))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(Path(recbole_mdcns.__file__).parents[1]), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "three.py", str(tmp_path / "tiny.yaml"), str(tmp_path / "runs")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    results = collections.defaultdict(dict)
-    # a RESULT may follow the other rank's unterminated output on the same line
-    for rank, name, metrics in re.findall(r"RESULT (\d+) (\w+) (\{[^}]*\})", done.stdout):
-        results[name][rank] = metrics
-    assert set(results) == {"mixgcf", "dens", "ahns"}
-    assert all(set(by_rank) == {"0", "1"} and len(set(by_rank.values())) == 1 for by_rank in results.values())
-    lines = (tiny_data / "tiny" / "tiny.inter").read_text().splitlines()[1:]
-    rows = sum(n - 3 for n in collections.Counter(line.split("\t")[0] for line in lines).values())  # LS: 2 held out
-    for name, k in (("mixgcf", 2), ("dens", 1), ("ahns", 1)):
-        (path,) = glob.glob(str(tmp_path / "runs" / name / "*-lightning" / "last.ckpt"))
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["negatives"]["history"][0]["negatives"] == 2 * math.ceil(rows / 2) * k, name
-        if name == "dens":
-            assert "gates.neg_gate.weight" in ckpt["state_dict"]
-            assert len(ckpt["optimizer_states"][0]["param_groups"]) == 2

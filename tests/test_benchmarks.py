@@ -319,3 +319,25 @@ def test_a_cell_another_process_runs_is_skipped_then_free_once_it_ends(tmp_path,
         assert busy.key not in run.finished_keys(busy.results)
     written = run.run_grid(cells, "test", in_process=True, workdir=work)  # its holder has ended
     assert [r["key"] for r in written] == [busy.key] and written[0]["status"] == "ok"
+
+
+def test_all_models_table_marks_each_cell_ok_refused_error_or_not_run(tmp_path):
+    from benchmarks import all_models
+
+    grid = {"name": "sweep", "preset": "smoke", "results": str(tmp_path / "r.jsonl"),
+            "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec", "TransRec"],
+            "samplers": {"dns": {"neg_sampler": "dns"}, "dens": {"neg_sampler": "dens"}}, "seeds": [2020]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    cells = {(c.model_label, c.sampler): c for c in run.load_grid(path)}
+    run.append_result(tmp_path / "r.jsonl", {"key": cells[("SASRec", "dns")].key, "status": "ok",
+                                             "seconds_per_epoch": 1.25})
+    run.append_result(tmp_path / "r.jsonl", {"key": cells[("TransRec", "dens")].key, "status": "error",
+                                             "error": "ValueError: neg_sampler=dens gates item vectors"})
+    run.append_result(tmp_path / "r.jsonl", {"key": cells[("TransRec", "dns")].key, "status": "error",
+                                             "error": "cell process ended (-9) without a result"})
+    text = all_models.table(str(path))
+    assert "(3 of 4 cells run)" in text
+    assert "| SASRec | 1.2 | -- |" in text
+    assert "| TransRec | error [1] | refused [2] |" in text
+    assert "1. cell process ended (-9) without a result" in text and "2. ValueError: neg_sampler=dens" in text

@@ -1,12 +1,17 @@
-"""adasir, gnno and srns on two gloo CPU ranks, in one pair of processes (one start-up for the three runs).
+"""Issue 14's six samplers on two gloo CPU ranks, in one pair of processes (one start-up for the six runs).
 
 The test launches both ranks itself (``LOCAL_RANK`` set, as torchrun does), so Lightning creates no
-processes and the three fits share one process group. After every epoch end each rank dumps its
-sampler state; the per-user state must be identical on both ranks (merged) and complete.
+processes and the six fits share one process group. Both ranks must end with the same test results;
+each epoch's negative count covers the rows of both ranks (all_gathered); DENS's gates and their param
+group are in the Lightning checkpoint; after every epoch end each rank dumps its sampler state, and the
+per-user state of AdaSIR and SRNS must be identical on both ranks (merged) and complete.
 """
 from __future__ import annotations
 
+import collections
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,15 +50,17 @@ def dump_state_at_epoch_end(cls, name):
     cls.on_train_epoch_end = on_train_epoch_end
 
 
-runs = {"adasir": (AdaSIRModule, {"candidate_num": 30, "adasir_pool_size": 8}),
-        "gnno": (GNNOModule, {"gnno_start_epoch": 0, "gnno_pace": 0.3}),
-        "srns": (SRNSModule, {"candidate_num": 12, "srns_memory_size": 4, "srns_warmup": 1,
-                              "srns_temperature": 0.1})}
-for name, (cls, extra) in runs.items():
-    dump_state_at_epoch_end(cls, name)
+dump_state_at_epoch_end(AdaSIRModule, "adasir")
+dump_state_at_epoch_end(GNNOModule, "gnno")
+dump_state_at_epoch_end(SRNSModule, "srns")
+runs = {"mixgcf": {"candidate_num": 20, "top_m": 2, "neg_num": 2}, "dens": {"candidate_num": 20},
+        "ahns": {"candidate_num": 20}, "adasir": {"candidate_num": 30, "adasir_pool_size": 8},
+        "gnno": {"gnno_start_epoch": 0, "gnno_pace": 0.3},
+        "srns": {"candidate_num": 12, "srns_memory_size": 4, "srns_warmup": 1, "srns_temperature": 0.1}}
+for name, extra in runs.items():
     result = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict={
         **config, **extra, "neg_sampler": name, "checkpoint_dir": str(out / name / "saved")})
-    print(name, "test result", dict(result["test_result"]), flush=True)
+    print(f"RESULT {name} {dict(result['test_result'])}", flush=True)
 '''
 
 
@@ -63,7 +70,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_ranks_merge_per_user_state(tiny_data, tmp_path):
+def test_two_cpu_ranks_train_the_baselines_alike_and_merge_their_state(tiny_data, tmp_path):
     config = tiny_config(tiny_data, tmp_path, epochs=2, train_batch_size=32, accelerator="cpu", devices=2,
                          strategy="ddp", use_gpu=False)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -76,9 +83,21 @@ def test_two_cpu_ranks_merge_per_user_state(tiny_data, tmp_path):
     command = [sys.executable, str(tmp_path / "ddp_runs.py"), str(tmp_path), str(tmp_path / "config.yaml")]
     procs = [subprocess.Popen(command, cwd=tmp_path, env={**env, "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [proc.communicate(timeout=400)[0] for proc in procs]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    assert all(f"{name} test result" in outputs[0] for name in ("adasir", "gnno", "srns"))
+    names = ("mixgcf", "dens", "ahns", "adasir", "gnno", "srns")
+    results = [dict(re.findall(r"RESULT (\w+) (\{[^}]*\})", output)) for output in outputs]
+    assert set(results[0]) == set(names) and results[0] == results[1]  # both ranks test the same model
+
+    lines = (tiny_data / "tiny" / "tiny.inter").read_text().splitlines()[1:]
+    rows = sum(n - 3 for n in collections.Counter(line.split("\t")[0] for line in lines).values())  # LS: 2 held out
+    for name, k in (("mixgcf", 2), ("dens", 1), ("ahns", 1)):
+        (path,) = (tmp_path / name / "saved").glob("*-lightning/last.ckpt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["negatives"]["history"][0]["negatives"] == 2 * math.ceil(rows / 2) * k, name
+        if name == "dens":
+            assert "gates.neg_gate.weight" in ckpt["state_dict"]
+            assert len(ckpt["optimizer_states"][0]["param_groups"]) == 2
 
     def states(name, epoch):
         return [torch.load(tmp_path / f"{name}-rank{rank}-epoch{epoch}.pt", weights_only=True) for rank in (0, 1)]
