@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import recbole.quick_start
 import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
@@ -66,6 +67,11 @@ def test_trains_by_name_through_our_samplers(tiny_data, in_tmp, caplog):
             **small, "neg_sampler": "mdcns", "candidate_num": 5, "mdcns_peer_model": "Mamba4Rec"})
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
     assert peer["train_info"]["extra_valid_results"][0]["peer"]["ndcg@10"] >= 0.0
+    # its RecBole checkpoint loads through RecBole's own load_data_and_model, and tests as the run did
+    (checkpoint,) = (in_tmp / "saved").glob("Mamba4Rec-*.pth")
+    config, model, _, _, _, test_data = recbole.quick_start.load_data_and_model(str(checkpoint))
+    assert isinstance(model, Mamba4Rec) and config["mamba_backend"] == "mambapy"
+    assert Trainer(config, model).evaluate(test_data, load_best_model=False) == result["test_result"]
 
 
 def test_predict_is_full_sort_gathered(tiny_data, in_tmp):
