@@ -9,6 +9,9 @@ A grid's ``selection:`` section declares the protocol (the grids' headers descri
   the member with the best validation ``metric`` on ``tuning_seed`` (never a test metric). An
   ablation family (``ablation_of: F``) is not chosen: its member is the one whose settings equal F's
   chosen setting except in the keys it lists under ``differs_in`` (the removed component's keys).
+  A choice at its grid's edge -- the largest or smallest value of a numeric key among at least two
+  other members that differ from it in that key alone -- is named in the report, as an epoch cap
+  that binds would be: the grid does not bracket the best value.
 * ``claims`` -- ``[A, B]`` pairs, "A beats B": per-seed paired differences of the test metric over the
   seeds both have, their mean ± std and on how many seeds A is ahead.
 * ``priority`` -- the order in which ``--run`` works through the families (default: as listed).
@@ -132,6 +135,23 @@ def _same_except(a: dict, b: dict, keys: list[str]) -> bool:
     return all(a.get(k) == b.get(k) for k in (set(a) | set(b)) - ignored)
 
 
+def grid_edges(configs: dict[str, dict], members: list[str], chosen: str) -> list[str]:
+    """The numeric keys along which ``chosen`` is its family's largest or smallest value, among the
+    members that differ from it in that key alone (its neighbours on that axis; at least two of them,
+    so a one-step axis such as ``mu: 0`` vs ``0.01`` is not an axis to extend)."""
+    base, edges = configs[chosen], []
+    for key in sorted({k for m in members for k in configs[m]} | set(base)):
+        value = base.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        axis = [configs[m].get(key) for m in members
+                if m != chosen and configs[m].get(key) != value and _same_except(configs[m], base, [key])]
+        if len(axis) >= 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in axis) \
+                and (value > max(axis) or value < min(axis)):
+            edges.append(f"{key} ({value})")
+    return edges
+
+
 def _choose(evidence: Evidence, family: Family) -> None:
     if family.ablation_of:
         parent = evidence.families[family.ablation_of]
@@ -154,6 +174,9 @@ def _choose(evidence: Evidence, family: Family) -> None:
             return
         value, family.chosen = max(done, key=lambda vm: vm[0])
         family.why = (f"best validation of {len(done)}" if len(done) > 1 else "one setting")
+        edges = grid_edges(evidence.configs, family.members, family.chosen)
+        if edges:
+            family.why += f"; at its grid's edge in {', '.join(edges)}: try a value beyond"
     family.records = {seed: evidence.records[(family.chosen, seed)] for seed in evidence.seeds
                       if (family.chosen, seed) in evidence.records}
 

@@ -341,3 +341,15 @@ def test_all_models_table_marks_each_cell_ok_refused_error_or_not_run(tmp_path):
     assert "| SASRec | 1.2 | -- |" in text
     assert "| TransRec | error [1] | refused [2] |" in text
     assert "1. cell process ended (-9) without a result" in text and "2. ValueError: neg_sampler=dens" in text
+
+
+def test_a_choice_at_its_grids_edge_is_named():
+    configs = {"d1": {"neg_sampler": "dns", "top_m": 1}, "d3": {"neg_sampler": "dns", "top_m": 3},
+               "d10": {"neg_sampler": "dns", "top_m": 10}, "d10-bpr": {"neg_sampler": "dns", "top_m": 10, "loss": "bpr"},
+               "m-g1": {"gamma": 1, "mu": 0.01}, "m-g3": {"gamma": 3, "mu": 0.01}, "m-g3-nd": {"gamma": 3, "mu": 0}}
+    dns = ["d1", "d3", "d10", "d10-bpr"]
+    assert converged.grid_edges(configs, dns, "d10") == ["top_m (10)"]  # d10-bpr differs in more than M
+    assert converged.grid_edges(configs, dns, "d3") == []  # inside
+    assert converged.grid_edges(configs, dns, "d1") == ["top_m (1)"]
+    # one neighbour per axis is no axis: gamma 1 vs 3 and mu 0 vs 0.01 are not grids to extend
+    assert converged.grid_edges(configs, ["m-g1", "m-g3", "m-g3-nd"], "m-g3") == []
