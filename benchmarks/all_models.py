@@ -46,7 +46,9 @@ def table(grid: str = GRID) -> str:
     done = sum(1 for c in cells if c.key in ok or c.key in bad)
     lines = [f"# Every sampler through every model ({done} of {len(cells)} cells run)", "",
              __doc__.split("\n\n")[2].replace("\n", " "), "",
-             f"Grid `{grid}`; seconds per training epoch on ml-100k at smoke sizes (one CPU thread).", "", *rows]
+             f"Grid `{grid}`; seconds per training epoch on ml-100k at smoke sizes, one CPU thread, on a machine "
+             "running other jobs: which cells work, and roughly what they cost -- not a timing comparison "
+             "(that is `epoch_time.py`'s, interleaved).", "", *rows]
     if notes:
         lines += ["", *(f"{n}. {error}" for error, n in notes.items())]
     return "\n".join(lines) + "\n"
