@@ -29,8 +29,12 @@ LIGHTNING_WARNINGS = (
     (r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
      UserWarning, r"pytorch_lightning\.trainer\.connectors\.data_connector\Z"),
     # resume_from: each run writes last.ckpt into its own new folder, so the checkpoint's folder differs; the callback
-    # keeps only last.ckpt (save_top_k=0) and has no best-k state to reload. Training state is restored in full.
+    # keeps only last.ckpt (filename "last", save_top_k=1) and has no best-k state to reload. Training state is
+    # restored in full.
     (r"The dirpath has changed from ", UserWarning, r"pytorch_lightning\.callbacks\.model_checkpoint\Z"),
+    # MDCNS's frozen extra teachers (mdcns_extra_teachers) stay in eval mode by design (no dropout in the teacher);
+    # every trained module is in train mode.
+    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"pytorch_lightning\.loops\.fit_loop\Z"),
 )
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 # Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines advertise its cloud services.

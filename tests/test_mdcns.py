@@ -431,6 +431,7 @@ def _ddp_gradient(module, batches, world: int, monkeypatch) -> list[torch.Tensor
     """What DDP applies when each of ``batches`` is one rank's: the mean over ranks of each rank's gradient
     of ``training_step`` (which scales by ``LOSS_SCALE`` under ``train_positions: all``)."""
     monkeypatch.setattr(module, "world_size", lambda: world)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # no Trainer here: nothing to log to
     params = [p for p in module.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for batch in batches:
