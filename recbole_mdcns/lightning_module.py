@@ -32,6 +32,7 @@ class NegativeSamplingModule(pl.LightningModule):
     """
 
     config_file: str | None = None  # YAML defaults of a sampler registered without ``config_file=``
+    harmless_warnings: tuple = ()  # (message, category, module) warnings this module's fit raises by design
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
         super().__init__()

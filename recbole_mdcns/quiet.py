@@ -32,10 +32,10 @@ LIGHTNING_WARNINGS = (
     # keeps only last.ckpt (filename "last", save_top_k=1) and has no best-k state to reload. Training state is
     # restored in full.
     (r"The dirpath has changed from ", UserWarning, r"pytorch_lightning\.callbacks\.model_checkpoint\Z"),
-    # MDCNS's frozen extra teachers (mdcns_extra_teachers) stay in eval mode by design (no dropout in the teacher);
-    # every trained module is in train mode.
-    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"pytorch_lightning\.loops\.fit_loop\Z"),
 )
+# A module that keeps frozen submodules in eval mode by design declares this in its ``harmless_warnings``.
+FROZEN_IN_EVAL_MODE = (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning,
+                       r"pytorch_lightning\.loops\.fit_loop\Z")
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 # Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines advertise its cloud services.
 ADVERT_PREFIX = "💡"
@@ -67,16 +67,17 @@ class _ToRootHandlers(logging.Handler):
 
 
 @contextlib.contextmanager
-def lightning_output() -> Iterator[None]:
+def lightning_output(harmless=()) -> Iterator[None]:
     """Around building and fitting a ``pytorch_lightning.Trainer``: its log lines ("GPU available", "`Trainer.fit`
-    stopped", "Initializing distributed", ...) through RecBole's logger, and its known-harmless warnings ignored."""
+    stopped", "Initializing distributed", ...) through RecBole's logger, and its known-harmless warnings -- and
+    ``harmless``, those the trained module declares -- ignored."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     saved = [(logger.handlers, logger.propagate) for logger in loggers]
     handler = _ToRootHandlers()
     for logger in loggers:
         logger.handlers, logger.propagate = [handler], False
     try:
-        with ignoring(LIGHTNING_WARNINGS):
+        with ignoring(LIGHTNING_WARNINGS + tuple(harmless)):
             yield
     finally:
         for logger, (handlers, propagate) in zip(loggers, saved):

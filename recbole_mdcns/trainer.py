@@ -289,7 +289,7 @@ class NegSamplingTrainer(Trainer):
             # save_top_k=0 writes it only when training ends: Lightning copies "last" only after a top-k save.)
             callbacks.append(ModelCheckpoint(dirpath=self.lightning_dir, filename="last", save_top_k=1))
         self.datamodule = RecBoleTrainData(train_data, self.config["seed"])
-        with lightning_output():  # Lightning's log lines through RecBole's logger, its harmless warnings ignored
+        with lightning_output(module.harmless_warnings):  # log lines through RecBole's logger, harmless warnings ignored
             lit = self.lightning_trainer = self._lightning_trainer(callbacks)
             lit.fit(module, datamodule=self.datamodule, ckpt_path=self.config["resume_from"])
         module.to(self.device)  # Lightning's teardown leaves the model on the CPU; evaluate where we trained

@@ -22,6 +22,7 @@ import recbole_mdcns
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.losses import bce_loss, bpr_loss
+from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.companion_models import load_frozen_model
 from recbole_mdcns.evaluation import ScoreEnsemble
 from recbole_mdcns.methods.mdcns import (
@@ -622,12 +623,15 @@ def test_extra_teacher_checks_its_dataset(two_epochs, real_batch, tmp_path):
         load_frozen_model(str(tmp_path / "bad.pth"), module.config, train._dataset, "mdcns_extra_teachers")
 
 
-def test_run_with_frozen_extra_teacher(two_epochs, tiny_data, tmp_path):
+def test_run_with_frozen_extra_teacher(two_epochs, tiny_data, tmp_path, recwarn):
     teacher_path = str(_best_pth(two_epochs[2]))
     saved = torch.load(teacher_path, map_location="cpu", weights_only=False)["state_dict"]
     result, module, folder = _run(tiny_data, tmp_path / "teacher", epochs=1, mdcns_extra_teachers=[teacher_path],
                                   mdcns_teacher_agg="sum", mdcns_kl_include_positive=False)
     _sane(result)
+    # the frozen teacher is in eval mode by design: MDCNS declares Lightning's notice of it harmless, and only then
+    assert not [w for w in recwarn if "in eval mode at the start of training" in str(w.message)]
+    assert module.harmless_warnings and not NegativeSamplingModule.harmless_warnings
     (teacher,) = module.teachers
     module.train()
     assert module.model.training and module.peer.training

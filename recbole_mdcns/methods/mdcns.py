@@ -58,6 +58,7 @@ from recbole_mdcns.full_sequence import LOSS_SCALE
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import LossFn
 from recbole_mdcns.models import sequential_model_class
+from recbole_mdcns.quiet import FROZEN_IN_EVAL_MODE
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.strategies import MultiViewTopMNegative
 
@@ -278,6 +279,8 @@ class MDCNSModule(NegativeSamplingModule):
         self.peer: torch.nn.Module | None = None
         self.peer_config: Config | None = None
         self.teachers = torch.nn.ModuleList()
+        if config["mdcns_extra_teachers"]:  # frozen: in eval mode from the start of fit, by design
+            self.harmless_warnings = (FROZEN_IN_EVAL_MODE,)
         self.strategy = MultiViewTopMNegative(config["top_m"])
         self.weights = {name: float(config[key]) for name, key in KEY.items()}
         self.agg = config["mdcns_teacher_agg"]
