@@ -39,8 +39,7 @@ def seed_gaps(family: Family, k: int, window: int = 5) -> list[SeedGap]:
         scores = np.array([score for _, score in record["valid_scores"]])
         best = int(np.argmax(scores))
         ranks = record.get("user_ranks") or {}
-        hits = {split: None if ranks.get(split) is None
-                else int(((np.asarray(ranks[split]) > 0) & (np.asarray(ranks[split]) <= k)).sum())
+        hits = {split: None if ranks.get(split) is None else int(user_values(ranks[split], f"hit@{k}").sum())
                 for split in ("valid", "test")}
         out.append(SeedGap(family.name, family.chosen, seed, float(scores.max()),
                            float(scores[max(0, best - window):best + window + 1].mean()), hits,
