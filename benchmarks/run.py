@@ -67,6 +67,7 @@ BASELINE_SAMPLERS = ("uniform", "popularity", "dns", "recbole")
 # settings that change how a cell logs or where it writes, not what it computes: not part of its key
 NON_SEMANTIC = ("checkpoint_dir", "state", "show_progress", "log_wandb", "worker")
 RESULT_TAG = "BENCHMARK_CELL_DONE "
+PARKED = REPO_ROOT / "benchmarks" / "parked"  # unfinished cells' checkpoints, committed between sessions
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Cell:
             config["data_path"] = self.data_path
         saved = workdir / self.key / "saved"
         config["checkpoint_dir"] = str(saved)
-        resume = last_checkpoint(saved)
+        resume = last_checkpoint(saved) or unpark(self, saved)
         if resume is not None:  # an earlier attempt was killed (e.g. a session ended): go on from its last epoch
             config["resume_from"] = str(resume)
         return config
@@ -116,6 +117,43 @@ def last_checkpoint(saved: Path) -> Path | None:
     """The newest ``last.ckpt`` a sampler run wrote under ``saved`` (one per attempt), if any."""
     found = sorted(saved.glob("*-lightning/last.ckpt"), key=lambda path: path.stat().st_mtime)
     return found[-1] if found else None
+
+
+def parked_dir(cell: Cell, parked: Path | None = None) -> Path:
+    return (parked or PARKED) / cell.grid / cell.key
+
+
+def park(cells: list[Cell], workdir: Path | None = None, parked: Path | None = None) -> list[Cell]:
+    """Copy each unfinished cell's checkpoints -- its newest ``last.ckpt`` and the best model it names --
+    from the scratch folder into ``<parked>/<grid>/<key>/`` (``benchmarks/parked``, which is committed), so
+    that a session on a fresh machine resumes the cell where this one stopped; drop the parked copy of each
+    finished cell. Stop the drivers first (a copy taken mid-write would be torn). Returns the cells parked."""
+    done = set().union(*(finished_keys(results) for results in {c.results for c in cells}))
+    kept = []
+    for cell in cells:
+        target = parked_dir(cell, parked)
+        last = last_checkpoint(Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid) / cell.key / "saved")
+        if cell.key in done or last is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        if cell.key in done or last is None:
+            continue
+        best = last.parent.with_name(last.parent.name.removesuffix("-lightning") + ".pth")
+        (target / last.parent.name).mkdir(parents=True)
+        shutil.copy2(last, target / last.parent.name / last.name)  # last.ckpt first: the best model is as new
+        if best.exists():
+            shutil.copy2(best, target / best.name)
+        kept.append(cell)
+    return kept
+
+
+def unpark(cell: Cell, saved: Path, parked: Path | None = None) -> Path | None:
+    """The cell's parked checkpoints (see :func:`park`) copied into its empty scratch folder ``saved``;
+    returns the ``last.ckpt`` to resume from, or None when nothing is parked."""
+    source = parked_dir(cell, parked)
+    if not source.is_dir():
+        return None
+    shutil.copytree(source, saved, dirs_exist_ok=True)
+    return last_checkpoint(saved)
 
 
 def _hash(value) -> str:
@@ -548,6 +586,9 @@ def parse_args(argv=None):
                              "(first seed), time ratios to <results>.timing.jsonl")
     parser.add_argument("--timing-rounds", type=int, default=2)
     parser.add_argument("--timing-warmup", type=int, default=0, help="untimed epochs per sampler first")
+    parser.add_argument("--park", action="store_true",
+                        help="copy the unfinished cells' checkpoints to benchmarks/parked (commit it), so a fresh "
+                             "machine resumes them; stop the drivers first")
     parser.add_argument("--run-cell", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -570,6 +611,10 @@ def main(argv=None) -> list[dict]:
             done |= finished_keys(results)
         for cell in cells:
             print(f"{'done' if cell.key in done else 'todo'}  {cell.key}  {cell.name}  -> {cell.results}")
+        return []
+    if args.park:
+        for cell in park(cells, Path(args.workdir).resolve() if args.workdir else None):
+            print(f"parked  {cell.key}  {cell.name}  -> {parked_dir(cell)}")
         return []
     if args.timing:
         return run_timing(cells, args.timing_rounds, command, warmup=args.timing_warmup)

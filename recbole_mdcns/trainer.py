@@ -208,6 +208,12 @@ class RecBoleEpochEnd(pl.Callback):
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self.rb, key, value)
+        resumed = self.rb.config["resume_from"]
+        if not os.path.exists(self.rb.saved_model_file) and resumed:
+            # the run's folder was moved (e.g. parked and restored on another machine): its best model is still
+            # the one beside the checkpoint's folder, as ``lightning_dir`` names them
+            folder = os.path.dirname(os.path.abspath(resumed))
+            self.rb.saved_model_file = folder.removesuffix("-lightning") + ".pth"
         if self.rb.best_valid_result is not None:
             self.rb.best_valid_result = OrderedDict(self.rb.best_valid_result)
 

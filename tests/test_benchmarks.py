@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,30 @@ def test_a_killed_cell_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
     assert resumed["epochs"] == uninterrupted["epochs"] == 2
     assert resumed["user_ranks"]["test"] == uninterrupted["user_ranks"]["test"]
+
+
+def test_a_parked_cell_resumes_on_a_fresh_machine_as_if_never_stopped(tmp_path, monkeypatch):
+    """``--park``: a stopped cell's checkpoints, copied into the committed ``benchmarks/parked``, resume the cell
+    from another scratch folder (a fresh machine's), whose best model the resumed run finds by the moved path."""
+    from recbole_mdcns import run_recbole
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "PARKED", tmp_path / "parked")
+    cells = [c for c in run.load_grid(_grid(tmp_path)) if c.sampler == "dns-10"]
+    cell, other = cells[0], cells[1]
+    uninterrupted = run.run_cell(cell, tmp_path / "uninterrupted", "test")
+    stopped = tmp_path / "old-machine"
+    run_recbole(cell.model, cell.dataset, config_dict=dict(cell.run_config(stopped), epochs=1))
+    assert [c.key for c in run.park(cells, stopped)] == [cell.key]  # the other cell never started: nothing to park
+    assert not run.parked_dir(other).exists()
+    shutil.rmtree(stopped)  # the machine is gone; what is parked is all there is
+    resumed = run.run_cell(cell, tmp_path / "new-machine", "test")
+    assert resumed["status"] == "ok", resumed.get("traceback")
+    assert str(tmp_path / "new-machine") in resumed["resumed_from"]
+    assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
+    assert resumed["epochs"] == uninterrupted["epochs"] == 2
+    run.append_result(cell.results, resumed)
+    assert run.park(cells, tmp_path / "new-machine") == [] and not run.parked_dir(cell).exists()  # finished: dropped
 
 
 def test_results_file_tolerates_torn_lines(tmp_path):
