@@ -119,6 +119,11 @@ def last_checkpoint(saved: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def scratch_dir(cell: Cell, workdir: Path | None = None) -> Path:
+    """Where a cell's process runs and writes (``--workdir``, default ``benchmarks/.work/<grid>``)."""
+    return Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid).resolve()
+
+
 def parked_dir(cell: Cell, parked: Path | None = None) -> Path:
     return (parked or PARKED) / cell.grid / cell.key
 
@@ -128,16 +133,19 @@ def park(cells: list[Cell], workdir: Path | None = None, parked: Path | None = N
     from the scratch folder into ``<parked>/<grid>/<key>/`` (``benchmarks/parked``, which is committed), so
     that a session on a fresh machine resumes the cell where this one stopped; drop the parked copy of each
     finished cell. Stop the drivers first (a copy taken mid-write would be torn). Returns the cells parked."""
+    from recbole_mdcns.trainer import best_model_beside
+
     done = set().union(*(finished_keys(results) for results in {c.results for c in cells}))
     kept = []
     for cell in cells:
         target = parked_dir(cell, parked)
-        last = last_checkpoint(Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid) / cell.key / "saved")
-        if cell.key in done or last is not None:
-            shutil.rmtree(target, ignore_errors=True)
-        if cell.key in done or last is None:
+        last = last_checkpoint(scratch_dir(cell, workdir) / cell.key / "saved")
+        if cell.key not in done and last is None:
+            continue  # never started here: what is parked (if anything) is still its newest
+        shutil.rmtree(target, ignore_errors=True)
+        if cell.key in done:
             continue
-        best = last.parent.with_name(last.parent.name.removesuffix("-lightning") + ".pth")
+        best = Path(best_model_beside(str(last.parent)))
         (target / last.parent.name).mkdir(parents=True)
         shutil.copy2(last, target / last.parent.name / last.name)  # last.ckpt first: the best model is as new
         if best.exists():
@@ -487,7 +495,7 @@ def run_grid(cells: list[Cell], command: str, in_process: bool = False, keep_che
     todo = [c for c in cells if c.key not in done]
     print(f"[grid] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", flush=True)
     for index, cell in enumerate(todo, 1):
-        base = Path(workdir or REPO_ROOT / "benchmarks" / ".work" / cell.grid).resolve()
+        base = scratch_dir(cell, workdir)
         with cell_lock(base, cell.key) as mine:
             if not mine or (not again and cell.key in finished_keys(cell.results)):
                 print(f"[{index}/{len(todo)}] {cell.name} ({cell.key}): "

@@ -212,10 +212,15 @@ class RecBoleEpochEnd(pl.Callback):
         if not os.path.exists(self.rb.saved_model_file) and resumed:
             # the run's folder was moved (e.g. parked and restored on another machine): its best model is still
             # the one beside the checkpoint's folder, as ``lightning_dir`` names them
-            folder = os.path.dirname(os.path.abspath(resumed))
-            self.rb.saved_model_file = folder.removesuffix("-lightning") + ".pth"
+            self.rb.saved_model_file = best_model_beside(os.path.dirname(os.path.abspath(resumed)))
         if self.rb.best_valid_result is not None:
             self.rb.best_valid_result = OrderedDict(self.rb.best_valid_result)
+
+
+def best_model_beside(lightning_dir: str) -> str:
+    """The best-model file of the run whose ``last.ckpt`` folder is ``lightning_dir`` (the trainer names the
+    folder ``<best model file without .pth>-lightning``)."""
+    return lightning_dir.removesuffix("-lightning") + ".pth"
 
 
 def _world_size() -> int:
