@@ -9,6 +9,8 @@ A grid's ``selection:`` section declares the protocol (the grids' headers descri
   the member with the best validation ``metric`` on ``tuning_seed`` (never a test metric). An
   ablation family (``ablation_of: F``) is not chosen: its member is the one whose settings equal F's
   chosen setting except in the keys it lists under ``differs_in`` (the removed component's keys).
+  A family may list its own ``seeds`` (e.g. ``[2020]``: a single cell the protocol asks for, run on
+  the tuning seed alone); the report marks it, and no claim should rest on it.
   A choice at its grid's edge -- the largest or smallest value of a numeric key among at least two
   other members that differ from it in that key alone -- is named in the report, as an epoch cap
   that binds would be: the grid does not bracket the best value.
@@ -57,6 +59,7 @@ class Family:
     members: list[str]
     ablation_of: str | None = None
     differs_in: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None  # the grid's seeds unless the family lists its own
     chosen: str | None = None
     why: str = ""
     records: dict[int, dict] = field(default_factory=dict)  # seed -> record
@@ -119,7 +122,8 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
                 raise ValueError(f"{grid_path}: family {entry['name']!r} names labels the grid lacks: {unknown}")
             evidence.families[entry["name"]] = Family(
                 name=entry["name"], role=entry.get("role", "proposed"), members=list(entry["members"]),
-                ablation_of=entry.get("ablation_of"), differs_in=list(entry.get("differs_in") or []))
+                ablation_of=entry.get("ablation_of"), differs_in=list(entry.get("differs_in") or []),
+                seeds=[int(s) for s in entry["seeds"]] if entry.get("seeds") else None)
         unknown = [name for name in evidence.priority + [n for pair in evidence.claims for n in pair]
                    if name not in evidence.families]
         if unknown:
@@ -177,7 +181,9 @@ def _choose(evidence: Evidence, family: Family) -> None:
         edges = grid_edges(evidence.configs, family.members, family.chosen)
         if edges:
             family.why += f"; at its grid's edge in {', '.join(edges)}: try a value beyond"
-    family.records = {seed: evidence.records[(family.chosen, seed)] for seed in evidence.seeds
+    if family.seeds:
+        family.why += f"; seeds {', '.join(map(str, family.seeds))} only, by the grid"
+    family.records = {seed: evidence.records[(family.chosen, seed)] for seed in family.seeds or evidence.seeds
                       if (family.chosen, seed) in evidence.records}
 
 
@@ -331,7 +337,8 @@ def next_cells(e: Evidence) -> list[tuple[str, int]]:
             if not family.ablation_of:
                 todo += [(m, e.tuning_seed) for m in family.members if (m, e.tuning_seed) not in e.records]
         else:
-            todo += [(family.chosen, seed) for seed in e.seeds if (family.chosen, seed) not in e.records]
+            todo += [(family.chosen, seed) for seed in family.seeds or e.seeds
+                     if (family.chosen, seed) not in e.records]
     return list(OrderedDict.fromkeys(todo))
 
 

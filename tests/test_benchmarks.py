@@ -233,6 +233,29 @@ def test_converged_protocol_chooses_on_validation_and_orders_the_work(tmp_path):
     assert "| MDCNS > DNS+ | 2020: +0.2000, 2021: -0.1000 | +0.0500 ± 0.2121 (1/2 seeds > 0) | mixed |" in text
 
 
+def test_a_family_with_its_own_seeds_asks_for_no_others(tmp_path):
+    """A family that lists ``seeds: [2020]`` (one cell, as the protocol asks for prefix rows) is chosen and
+    complete on that seed alone: ``--run`` schedules no other seed of it, and the report says so."""
+    from benchmarks import converged
+
+    grid = {"name": "one_seed", "results": str(tmp_path / "r.jsonl"), "config": {"epochs": 100, "stopping_step": 5},
+            "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec"],
+            "samplers": {"u": {"neg_sampler": "uniform"}, "p": {"neg_sampler": "uniform", "train_positions": "last"}},
+            "selection": {"seeds": [2020, 2021],
+                          "families": [{"name": "RNS", "role": "baseline", "members": ["u"]},
+                                       {"name": "RNS on prefix rows", "members": ["p"], "seeds": [2020]}]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    keys = {(c.sampler, c.seed): c.key for c in run.load_grid(path, seeds=[2020, 2021])}
+    records = {keys[(label, 2020)]: {"key": keys[(label, 2020)], "status": "ok", "best_epoch": 3, "epochs": 9,
+                                     "valid": {"ndcg@10": 0.2}, "test": {"ndcg@10": 0.1, "recall@10": 0.1}}
+               for label in ("u", "p")}
+    evidence, = converged.build(str(path), records)
+    assert converged.next_cells(evidence) == [("u", 2021)]  # the grid's seeds for RNS; none for prefix rows
+    assert list(evidence.families["RNS on prefix rows"].records) == [2020]
+    assert "seeds 2020 only, by the grid" in "\n".join(converged.render_dataset(evidence))
+
+
 def test_converged_run_refuses_an_unknown_family(tmp_path):
     from benchmarks import converged
 
