@@ -10,6 +10,7 @@ On CUDA the figure is ``torch.cuda.max_memory_allocated`` after a reset.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -164,18 +165,60 @@ def versions() -> dict:
     return out
 
 
-def git_state() -> dict:
-    """Commit of the checkout and whether it had uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+# What a grid cell's numbers depend on: the package and the harness modules that build, run and record a cell.
+# A record is reproducible from its commit only when none of these had uncommitted changes; results files,
+# documents and grid files (a cell's settings are in its record) may change while grids run.
+PACKAGE_PATHS = ("recbole_mdcns", "config_yamls", "pyproject.toml", "benchmarks/__init__.py", "benchmarks/run.py",
+                 "benchmarks/presets.py", "benchmarks/common.py", "benchmarks/probe.py", "benchmarks/epoch_time.py")
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=30)
+
+
+def package_changes(root: Path = REPO_ROOT) -> list[str]:
+    """The files under :data:`PACKAGE_PATHS` that differ from the checkout's commit: modified, staged,
+    deleted or new (untracked, not ignored), as paths relative to ``root``."""
+    out = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", "--", *PACKAGE_PATHS).stdout.decode()
+    entries = out.split("\0")
+    files, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        if entry:
+            files.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy: the next entry is its source, changed as well
+                i += 1
+                files.append(entries[i])
+        i += 1
+    return sorted(set(files))
+
+
+def package_diff_sha256(files: list[str], root: Path = REPO_ROOT) -> str:
+    """SHA-256 of the package's uncommitted changes: ``git diff HEAD`` over ``files``, then each new file's
+    path and bytes -- the same edits give the same hash, so a record can be matched to a patch."""
+    digest = hashlib.sha256(_git(root, "diff", "HEAD", "--binary", "--", *PACKAGE_PATHS).stdout)
+    tracked = set(_git(root, "ls-files", "-z", "--", *files).stdout.decode().split("\0"))
+    for name in files:
+        path = root / name
+        if name not in tracked and path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def git_state(root: Path = REPO_ROOT) -> dict:
+    """Commit of the checkout; ``dirty``: any uncommitted change in the tree (results and documents too);
+    ``package_dirty``: the changed files of :data:`PACKAGE_PATHS` (``[]``: the commit alone reproduces the run);
+    ``diff_sha256``: the hash of those changes (:func:`package_diff_sha256`), ``None`` when there are none."""
+    unknown = {"commit": None, "dirty": None, "package_dirty": None, "diff_sha256": None}
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = _git(root, "rev-parse", "HEAD").stdout.decode().strip()
         if not re.fullmatch(r"[0-9a-f]{40}", commit):
-            return {"commit": None, "dirty": None}  # not a git checkout (e.g. a copied tree)
-        return {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+            return unknown  # not a git checkout (e.g. a copied tree)
+        changed = package_changes(root)
+        return {"commit": commit, "dirty": bool(_git(root, "status", "--porcelain").stdout.strip()),
+                "package_dirty": changed, "diff_sha256": package_diff_sha256(changed, root) if changed else None}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return unknown
 
 
 def command_line(argv: list[str] | None = None, module: str | None = None) -> str:

@@ -342,9 +342,10 @@ def next_cells(e: Evidence) -> list[tuple[str, int]]:
     return list(OrderedDict.fromkeys(todo))
 
 
-def drive(grids: list[str], results: list[str] | None, first: list[str] | None = None) -> None:
+def drive(grids: list[str], results: list[str] | None, first: list[str] | None = None,
+          allow_dirty: bool = False) -> None:
     """``--run``: one cell at a time through ``benchmarks.run``, the next one chosen anew after each;
-    ``first`` names families to take before the grid's priority."""
+    ``first`` names families to take before the grid's priority; ``allow_dirty`` as ``benchmarks.run``'s."""
     from benchmarks import run
 
     tried: set[tuple[str, str, int]] = set()
@@ -366,14 +367,18 @@ def drive(grids: list[str], results: list[str] | None, first: list[str] | None =
         grid, e, label, seed = pending[0]
         tried.add((e.dataset, label, seed))
         print(f"[converged] {e.dataset}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
-        run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | * | {e.dataset} | *"])
+        run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | * | {e.dataset} | *"]
+                 + (["--allow-dirty"] if allow_dirty else []))
 
 
-def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[str], command: str) -> None:
+def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[str], command: str,
+                    allow_dirty: bool = False) -> None:
     """``--user-ranks``: re-run, in a fresh process each, the records of these families' chosen settings
     that hold no per-user ranks. The new record (same key) supersedes the old one; same seed and config
     give the same run on a CPU, and this says whether the test metrics came out the same."""
     from benchmarks import run
+
+    run.require_committed_package(allow_dirty)
 
     records, _, _ = load(results or _results_paths(grids))
     by_key = {r["key"]: r for r in records}
@@ -461,11 +466,14 @@ def main(argv=None) -> Path:
                         help="with --run: take this family before the grid's priority (repeatable)")
     parser.add_argument("--user-ranks", action="append", default=[], metavar="FAMILY",
                         help="re-run this family's chosen records that hold no per-user ranks (repeatable)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="with --run / --user-ranks: run with uncommitted package code (see benchmarks.run)")
     args = parser.parse_args(argv)
     if args.user_ranks:
-        fill_user_ranks(args.grid, args.results, args.user_ranks, command_line(argv, "benchmarks.converged"))
+        fill_user_ranks(args.grid, args.results, args.user_ranks, command_line(argv, "benchmarks.converged"),
+                        args.allow_dirty)
     if args.run:
-        drive(args.grid, args.results, args.first)
+        drive(args.grid, args.results, args.first, args.allow_dirty)
     paths = args.results or _results_paths(args.grid)
     records, _, _ = load(paths)
     by_key = {r["key"]: r for r in records}

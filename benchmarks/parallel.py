@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT
-from benchmarks.run import _child_env, finished_keys, load_grid
+from benchmarks.run import _child_env, finished_keys, load_grid, require_committed_package
 
 
 def commands(args) -> list[tuple[str, str, list[str]]]:
@@ -43,6 +43,8 @@ def commands(args) -> list[tuple[str, str, list[str]]]:
                 argv += [flag, str(value)]
         if args.in_process:
             argv.append("--in-process")
+        if args.allow_dirty:
+            argv.append("--allow-dirty")
         out.append((cell.key, cell.name, argv))
     return out
 
@@ -90,6 +92,8 @@ def main(argv=None) -> dict[str, int]:
                         help="each cell in its job's process (one process less per cell; see benchmarks.run)")
     parser.add_argument("--workdir", help="scratch folder (default benchmarks/.work/<grid>/parallel)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run with uncommitted package code (see benchmarks.run)")
     args = parser.parse_args(argv)
     todo = commands(args)
     print(f"[parallel] {len(todo)} unfinished cells, {min(args.jobs, len(todo))} at a time", flush=True)
@@ -97,6 +101,7 @@ def main(argv=None) -> dict[str, int]:
         for _, _, command in todo:
             print(" ".join(f"'{a}'" if " " in a or "|" in a else a for a in command))
         return {}
+    require_committed_package(args.allow_dirty)  # once here, not in every cell's log
     grid_name = load_grid(args.grid)[0].grid if todo else ""
     status = run(todo, args.jobs, workdir(args, grid_name))
     failed = [key for key, code in status.items() if code != 0]

@@ -4,6 +4,8 @@
     python -m benchmarks.run --grid benchmarks/grids/smoke.yaml --dry-run     # list cells and their state
     python -m benchmarks.run --grid benchmarks/grids/cpu_baselines.yaml --timing   # interleaved epoch-time ratios
     python -m benchmarks.report                                               # -> benchmarks/RESULTS.md
+    python -m benchmarks.run --grid benchmarks/grids/converged_lastfm.yaml --verify --epochs 3 \
+        --only 'dns-m10 | * | lastfm | seed 2020'      # rerun a recorded cell: MATCH or DIFFERS, per record
 
 Each cell is one ``recbole_mdcns.run_recbole(model, dataset, config_dict=...)`` call,
 by default in a fresh subprocess (clean peak-memory figures; a crash or an
@@ -13,6 +15,15 @@ skips every cell that already has an ``ok`` record, so a killed run loses at mos
 the cell it was in. Nothing is ever rewritten: a changed setting is a new cell
 (cells are keyed by a hash of their full config), a failed cell is recorded as
 ``status: error`` and tried again on the next run.
+
+A record names the commit it ran at (``git``). Cells run only from committed package code
+(``recbole_mdcns/``, ``config_yamls/``, ``pyproject.toml`` and the harness modules that build and
+record a cell, :data:`benchmarks.common.PACKAGE_PATHS`): with uncommitted changes there the run is
+refused, naming the files, unless ``--allow-dirty`` -- then each record's ``git.package_dirty`` lists
+them and ``git.diff_sha256`` hashes the changes. Results files, documents and grid files may change.
+``--verify`` reruns recorded cells at the current commit (``--epochs N``: their first N epochs only)
+and compares each record's validation curve and metrics; same commit, seed and machine give the same
+numbers on a CPU, a different CPU need not (see benchmarks/REPRODUCIBILITY.md).
 
 The grid file (YAML)::
 
@@ -48,9 +59,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,7 +70,7 @@ import yaml
 
 from benchmarks.common import (
     REPO_ROOT, PeakMemory, command_line, describe_device, dumps, git_state, lifetime_peak_rss_mib,
-    quiet_warnings, to_jsonable, versions,
+    package_changes, quiet_warnings, to_jsonable, versions,
 )
 from benchmarks.presets import preset as preset_settings
 
@@ -100,14 +112,15 @@ class Cell:
         config = {k: v for k, v in self.config.items() if k not in NON_SEMANTIC and k != "seed"}
         return _hash({"model": self.model, "dataset": self.dataset, "sampler": self.sampler, "config": config})
 
-    def run_config(self, workdir: Path) -> dict:
-        """The config dict handed to ``run_recbole``: paths made absolute, a private checkpoint dir."""
+    def run_config(self, workdir: Path, resume: bool = True) -> dict:
+        """The config dict handed to ``run_recbole``: paths made absolute, a private checkpoint dir;
+        ``resume``: go on from a killed attempt's or a parked checkpoint, if there is one."""
         config = copy.deepcopy(self.config)
         if self.data_path:
             config["data_path"] = self.data_path
         saved = workdir / self.key / "saved"
         config["checkpoint_dir"] = str(saved)
-        resume = last_checkpoint(saved) or unpark(self, saved)
+        resume = (last_checkpoint(saved) or unpark(self, saved)) if resume else None
         if resume is not None:  # an earlier attempt was killed (e.g. a session ended): go on from its last epoch
             config["resume_from"] = str(resume)
         return config
@@ -303,17 +316,17 @@ def _metrics(result: dict | None) -> dict | None:
     return None if result is None else {str(k): float(v) for k, v in dict(result).items()}
 
 
-def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False) -> dict:
+def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False, resume: bool = True) -> dict:
     """Run one cell in this process and return its record (status ok or error).
 
     ``isolated``: this process exists for this cell alone (``peak_memory_mib`` is then its
     lifetime peak RSS; otherwise the peak RSS since the cell started, which also counts
-    what the process held before it)."""
+    what the process held before it). ``resume``: see :meth:`Cell.run_config`."""
     import recbole_mdcns  # noqa: F401  (RecBole compat shims)
     from benchmarks.probe import TrainingProbe
 
     quiet_warnings()
-    config = cell.run_config(workdir)
+    config = cell.run_config(workdir, resume=resume)
     record = {"schema": SCHEMA, "key": cell.key, "group": cell.group, "cell": _cell_fields(cell),
               "config": cell.config, "run_config": config, "command": command, "git": git_state(),
               "versions": versions(), "started_at": _now(), "resumed_from": config.get("resume_from")}
@@ -422,13 +435,15 @@ def _child_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float | None) -> dict | None:
+def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float | None,
+                        resume: bool = True) -> dict | None:
     """Run the cell in a fresh interpreter that appends its own record; returns that record,
     or an error record (appended here) when the child died without writing one."""
     cell_dir = workdir / cell.key
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = cell_dir / "cell.json"
-    spec.write_text(json.dumps({"cell": asdict(cell), "command": command, "workdir": str(workdir)}))
+    spec.write_text(json.dumps({"cell": asdict(cell), "command": command, "workdir": str(workdir),
+                                "resume": resume}))
     log = cell_dir / "log.txt"  # appended to: a resumed cell keeps the killed attempt's lines
     offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
@@ -457,7 +472,7 @@ def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float 
 def _child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cell = Cell(**spec["cell"])
-    record = run_cell(cell, Path(spec["workdir"]), spec["command"], isolated=True)
+    record = run_cell(cell, Path(spec["workdir"]), spec["command"], isolated=True, resume=spec.get("resume", True))
     append_result(cell.results, record)
     keys = ("key", "status", "error", "wall_seconds", "test", "epochs", "seconds_per_epoch")
     summary = {k: record.get(k) for k in keys}
@@ -570,6 +585,169 @@ def run_timing(cells: list[Cell], rounds: int, command: str, reference: str | No
     return written
 
 
+# ------------------------------------------------------------------------- provenance
+def require_committed_package(allow_dirty: bool, root: Path = REPO_ROOT) -> list[str]:
+    """Refuse (``SystemExit``) to record cells while the package or the harness modules
+    (:data:`benchmarks.common.PACKAGE_PATHS`) have uncommitted changes, naming the files, unless
+    ``allow_dirty`` -- then each record's ``git.package_dirty`` lists them. Returns the changed files."""
+    changed = package_changes(root)
+    if changed and not allow_dirty:
+        raise SystemExit("refusing to run: the package code has uncommitted changes, so the records could not be "
+                         "reproduced from the commit:\n" + "".join(f"  {name}\n" for name in changed)
+                         + "commit them (or stash them), or pass --allow-dirty to run anyway; each record's "
+                         "git.package_dirty will then list these files (git.diff_sha256 hashes the changes)")
+    if changed:
+        print(f"[grid] --allow-dirty: uncommitted package changes in {', '.join(changed)}; "
+              "the records say so (git.package_dirty)", file=sys.stderr, flush=True)
+    return changed
+
+
+# ------------------------------------------------------------------------------- verification
+@dataclass
+class Verdict:
+    """A recorded cell against its rerun at the current commit."""
+
+    cell: str                   # the cell's name
+    key: str
+    record_commit: str | None   # the record's git commit
+    record_dirty: bool | None
+    epochs: int | None          # the epochs compared (None: the whole run)
+    differences: list[str]      # what differs, the first differing epoch first; [] = a match
+    first_epoch: int | None     # the first epoch whose validation differs
+    notes: list[str]            # what else differs between the two runs (machine, versions)
+
+    @property
+    def matches(self) -> bool:
+        return not self.differences
+
+    def line(self) -> str:
+        commit = (self.record_commit or "?")[:7] + (" (dirty)" if self.record_dirty else "")
+        span = "the whole run" if self.epochs is None else f"the first {self.epochs} epochs"
+        head = f"{'MATCH' if self.matches else 'DIFFERS':<8} {self.cell} ({self.key}) vs record at {commit}, {span}"
+        if self.differences:
+            more = len(self.differences) - 1
+            head += f": {self.differences[0]}"
+            if more:
+                head += f" (+{more} more: {'; '.join(self.differences[1:4])})"
+        return head + "".join(f"\n         note: {note}" for note in self.notes)
+
+
+def _close(a, b, tolerance: float) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or abs(a - b) <= tolerance
+    return a == b
+
+
+def compare_records(record: dict, rerun: dict, epochs: int | None = None,
+                    tolerance: float = 0.0) -> tuple[list[str], int | None]:
+    """What differs between a record and its rerun, and the first epoch whose validation score differs.
+
+    Compared: each epoch's validation score (``valid_scores``); for the whole run (``epochs`` None, or at
+    least the record's epochs) also the best epoch, the epochs run, the best validation score and every
+    validation and test metric. Scores and metrics within ``tolerance`` count as equal (0: exactly)."""
+    if rerun.get("status") != "ok":
+        return [f"the rerun failed: {rerun.get('error')}"], None
+    whole = epochs is None or (record.get("epochs") is not None and epochs >= record["epochs"])
+    limit = None if whole else epochs
+    want = {int(e): s for e, s in record.get("valid_scores") or [] if limit is None or e < limit}
+    got = {int(e): s for e, s in rerun.get("valid_scores") or [] if limit is None or e < limit}
+    differences, first = [], None
+    for epoch in sorted(set(want) | set(got)):
+        if epoch not in want and want and epoch < min(want):
+            continue  # a resumed record holds only the epochs after its resume
+        if epoch not in got or epoch not in want:
+            message = "not validated by the rerun" if epoch not in got else f"valid {got[epoch]} (no record)"
+        elif not _close(got[epoch], want[epoch], tolerance):
+            message = f"valid {got[epoch]} (record {want[epoch]})"
+        else:
+            continue
+        first = epoch if first is None else first
+        differences.append(f"epoch {epoch}: {message}")
+    if whole:
+        for name in ("best_epoch", "epochs"):
+            if record.get(name) != rerun.get(name):
+                differences.append(f"{name} {rerun.get(name)} (record {record.get(name)})")
+        if not _close(rerun.get("best_valid_score"), record.get("best_valid_score"), tolerance):
+            differences.append(f"best_valid_score {rerun.get('best_valid_score')} "
+                               f"(record {record.get('best_valid_score')})")
+        for split in ("valid", "test"):
+            want_metrics, got_metrics = record.get(split) or {}, rerun.get(split) or {}
+            for metric in sorted(set(want_metrics) | set(got_metrics)):
+                if not _close(got_metrics.get(metric), want_metrics.get(metric), tolerance):
+                    differences.append(f"{split} {metric} {got_metrics.get(metric)} "
+                                       f"(record {want_metrics.get(metric)})")
+    return differences, first
+
+
+def _environment_notes(record: dict, rerun: dict) -> list[str]:
+    """Differences in what ran the two (CPU, torch threads, package versions): same commit and seed give the same
+    numbers on one machine, not across machines (CPU kernels round differently)."""
+    notes = []
+    old, new = record.get("device") or {}, rerun.get("device") or {}
+    for name in ("device", "cpu", "torch_threads", "gpu"):
+        if old.get(name) != new.get(name):
+            notes.append(f"{name}: record {old.get(name)!r}, rerun {new.get(name)!r}")
+    old, new = record.get("versions") or {}, rerun.get("versions") or {}
+    notes += [f"{name}: record {old.get(name)}, rerun {new.get(name)}" for name in sorted(set(old) | set(new))
+              if old.get(name) != new.get(name)]
+    git = record.get("git") or {}
+    if git.get("package_dirty"):
+        notes.append("the record's package code had uncommitted changes: " + ", ".join(git["package_dirty"]))
+    elif git.get("dirty") and "package_dirty" not in git:
+        notes.append("the record's tree had uncommitted changes (it predates git.package_dirty: which files, "
+                     "package code or results, is not recorded)")
+    if record.get("resumed_from"):
+        notes.append("the record is of a resumed run: only its epochs after the resume were compared")
+    return notes
+
+
+def verify(cells: list[Cell], command: str, epochs: int | None = None, tolerance: float = 0.0,
+           against: str | None = None, in_process: bool = False, workdir: Path | None = None,
+           timeout: float | None = None) -> list[Verdict]:
+    """Rerun each recorded cell at the current commit and compare it with each of its ``ok`` records (those made
+    at a commit starting with ``against``, if given), printing one MATCH / DIFFERS line per record.
+
+    ``epochs``: run only that many epochs and compare the first ``epochs`` validation scores (the whole run
+    when the record ran no more). A rerun starts from scratch (never a parked or killed attempt's checkpoint)
+    and its record goes to a scratch results file, ``<workdir>/verify-<time>-<random>/results.jsonl``, never to the
+    grid's."""
+    verdicts = []
+    for cell in cells:
+        records = [r for r in read_results(cell.results) if r.get("key") == cell.key and r.get("status") == "ok"
+                   and (against is None or str((r.get("git") or {}).get("commit") or "").startswith(against))]
+        if not records:
+            print(f"NO RECORD {cell.name} ({cell.key}) in {cell.results}"
+                  + (f" made at {against}" if against else ""), flush=True)
+            continue
+        scratch_dir(cell, workdir).mkdir(parents=True, exist_ok=True)
+        base = Path(tempfile.mkdtemp(prefix=f"verify-{datetime.now():%Y%m%dT%H%M%S}-", dir=scratch_dir(cell, workdir)))
+        rerun_cell = cell
+        if epochs is not None and epochs < int(cell.config.get("epochs", epochs)):
+            rerun_cell = replace(cell, config={**cell.config, "epochs": epochs}, key="")  # a key of its own
+        rerun_cell = replace(rerun_cell, results=str(base / "results.jsonl"))
+        print(f"[verify] {cell.name} ({cell.key}): {len(records)} record(s); rerunning "
+              f"{'the whole run' if rerun_cell.key == cell.key else f'{epochs} epochs'} in {base}", flush=True)
+        if in_process:
+            base.mkdir(parents=True, exist_ok=True)
+            with _cwd(base):
+                rerun = run_cell(rerun_cell, base, command, resume=False)
+            append_result(rerun_cell.results, rerun)
+        else:
+            summary = run_cell_subprocess(rerun_cell, base, command, timeout, resume=False)
+            rerun = next((r for r in reversed(read_results(rerun_cell.results)) if r.get("key") == rerun_cell.key),
+                         summary)  # the child's full record; only its summary came back on stdout
+        for record in records:
+            differences, first = compare_records(record, rerun, epochs, tolerance)
+            git = record.get("git") or {}
+            whole = epochs is None or (record.get("epochs") is not None and epochs >= record["epochs"])
+            verdict = Verdict(cell.name, cell.key, git.get("commit"), git.get("dirty"), None if whole else epochs,
+                              differences, first, _environment_notes(record, rerun))
+            print(verdict.line(), flush=True)
+            verdicts.append(verdict)
+        shutil.rmtree(base / rerun_cell.key / "saved", ignore_errors=True)
+    return verdicts
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -594,6 +772,21 @@ def parse_args(argv=None):
                              "(first seed), time ratios to <results>.timing.jsonl")
     parser.add_argument("--timing-rounds", type=int, default=2)
     parser.add_argument("--timing-warmup", type=int, default=0, help="untimed epochs per sampler first")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run even though the package code (recbole_mdcns/, config_yamls/, pyproject.toml, "
+                             "the harness modules) has uncommitted changes; each record's git.package_dirty "
+                             "lists them")
+    parser.add_argument("--verify", action="store_true",
+                        help="rerun the selected cells that have records, at the current commit (into a scratch "
+                             "results file), and say per record whether its metrics MATCH or it DIFFERS (first "
+                             "differing epoch); exits 1 if any differs")
+    parser.add_argument("--epochs", type=int, metavar="N",
+                        help="with --verify: run only N epochs and compare the first N validation scores (cheap)")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="with --verify: scores and metrics within this absolute difference match (default 0: "
+                             "exactly, as one CPU gives)")
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="with --verify: only the records made at a commit starting with this")
     parser.add_argument("--park", action="store_true",
                         help="copy the unfinished cells' checkpoints to benchmarks/parked (commit it), so a fresh "
                              "machine resumes them; stop the drivers first")
@@ -624,6 +817,22 @@ def main(argv=None) -> list[dict]:
         for cell in park(cells, Path(args.workdir).resolve() if args.workdir else None):
             print(f"parked  {cell.key}  {cell.name}  -> {parked_dir(cell)}")
         return []
+    if (args.epochs is not None or args.against or args.tolerance) and not args.verify:
+        raise SystemExit("--epochs, --tolerance and --against go with --verify")
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit("--epochs: at least 1")
+    require_committed_package(args.allow_dirty)
+    workdir = Path(args.workdir).resolve() if args.workdir else None
+    if args.verify:
+        verdicts = verify(cells, command, epochs=args.epochs, tolerance=args.tolerance, against=args.against,
+                          in_process=args.in_process, workdir=workdir, timeout=args.cell_timeout)
+        if not verdicts:
+            raise SystemExit("--verify: none of the selected cells has a record to verify")
+        differ = [v for v in verdicts if not v.matches]
+        print(f"[verify] {len(verdicts) - len(differ)} of {len(verdicts)} records match", flush=True)
+        if differ:
+            raise SystemExit(1)
+        return [asdict(v) for v in verdicts]
     if args.timing:
         return run_timing(cells, args.timing_rounds, command, warmup=args.timing_warmup)
     if args.limit is not None:
@@ -631,7 +840,6 @@ def main(argv=None) -> list[dict]:
         for results in {c.results for c in cells}:
             done |= finished_keys(results)
         cells = [c for c in cells if c.key not in done][:args.limit]
-    workdir = Path(args.workdir).resolve() if args.workdir else None
     return run_grid(cells, command, in_process=args.in_process, keep_checkpoints=args.keep_checkpoints,
                     timeout=args.cell_timeout, stop_on_error=args.stop_on_error, workdir=workdir)
 

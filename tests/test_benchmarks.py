@@ -1,8 +1,12 @@
 """The benchmark harness end to end on a tiny dataset: grid -> results (append-only, resumable) -> report."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +53,8 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     grid = _grid(tmp_path)
     results = tmp_path / "results" / "smoke.jsonl"
-    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--in-process"]
+    # --allow-dirty: the tests run from a working tree, whose package code may not be committed yet
+    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--allow-dirty", "--in-process"]
 
     # an interrupted run: 3 of the 4 cells finished, the 4th was killed while its line was being written
     first = run.main(common + ["--limit", "3"])
@@ -179,7 +184,7 @@ def test_parallel_runs_each_cell_once(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     grid = _grid(tmp_path)
-    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--seeds", "2020"]
+    common = ["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--seeds", "2020", "--allow-dirty"]
     status = parallel.main(common + ["--jobs", "2", "--in-process"])
     assert len(status) == 2 and set(status.values()) == {0}
     records = run.read_results(tmp_path / "results" / "smoke.jsonl")
@@ -401,3 +406,146 @@ def test_a_choice_at_its_grids_edge_is_named():
     assert converged.grid_edges(configs, dns, "d1") == ["top_m (1)"]
     # one neighbour per axis is no axis: gamma 1 vs 3 and mu 0 vs 0.01 are not grids to extend
     assert converged.grid_edges(configs, ["m-g1", "m-g3", "m-g3-nd"], "m-g3") == []
+
+
+def _scratch_repo(root: Path) -> Path:
+    """A git repository holding a copy of this checkout's package code and harness (committed), a results
+    file and a README, as a user's clone would."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("recbole_mdcns", "config_yamls"):
+        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    for module in (REPO / "benchmarks").glob("*.py"):
+        shutil.copy2(module, root / "benchmarks" / module.name)
+    for name in ("pyproject.toml", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    (root / "README.md").write_text("# scratch\n")
+    (root / "benchmarks" / "results" / "smoke.jsonl").write_text("")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "scratch")
+    return root
+
+
+def test_git_state_names_uncommitted_package_files_not_results_or_documents(tmp_path):
+    from benchmarks.common import git_state
+
+    repo = _scratch_repo(tmp_path / "repo")
+    clean = git_state(repo)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    assert clean["package_dirty"] == [] and clean["diff_sha256"] is None
+    with open(repo / "benchmarks" / "results" / "smoke.jsonl", "a") as f:  # a grid appending its records
+        f.write('{"key": "x"}\n')
+    (repo / "README.md").write_text("# rewritten\n")
+    (repo / "benchmarks" / "grids").mkdir()
+    (repo / "benchmarks" / "grids" / "new.yaml").write_text("name: new\n")
+    docs_only = git_state(repo)
+    assert docs_only["dirty"] is True and docs_only["package_dirty"] == [] and docs_only["diff_sha256"] is None
+    with open(repo / "recbole_mdcns" / "trainer.py", "a") as f:
+        f.write("# an edit\n")
+    (repo / "recbole_mdcns" / "extra.py").write_text("X = 1\n")  # new, not yet added
+    with open(repo / "benchmarks" / "run.py", "a") as f:
+        f.write("# an edit\n")
+    dirty = git_state(repo)
+    assert dirty["package_dirty"] == ["benchmarks/run.py", "recbole_mdcns/extra.py", "recbole_mdcns/trainer.py"]
+    assert len(dirty["diff_sha256"]) == 64
+    assert git_state(repo)["diff_sha256"] == dirty["diff_sha256"]  # the same changes, the same hash
+    (repo / "recbole_mdcns" / "extra.py").write_text("X = 2\n")
+    assert git_state(repo)["diff_sha256"] != dirty["diff_sha256"]
+
+
+def test_a_grid_with_uncommitted_package_code_is_refused_unless_allowed(tmp_path):
+    """``benchmarks.run`` in a clone: a results file or README being edited does not block a run; an uncommitted
+    edit of the package does, naming the file, and ``--allow-dirty`` runs it with the record marked."""
+    repo = _scratch_repo(tmp_path / "repo")
+    results = tmp_path / "results" / "smoke.jsonl"
+    command = [sys.executable, "-m", "benchmarks.run", "--grid", str(_grid(tmp_path)), "--seeds", "2020",
+               "--only", "uniform*", "--workdir", str(tmp_path / "work"), "--in-process"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run_here(*extra):
+        return subprocess.run(command + list(extra), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    (repo / "README.md").write_text("# rewritten while a grid runs\n")
+    with open(repo / "benchmarks" / "results" / "smoke.jsonl", "a") as f:
+        f.write('{"key": "appended by another grid"}\n')
+    done = run_here()
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = run.read_results(results)
+    assert record["status"] == "ok" and record["git"]["dirty"] is True
+    assert record["git"]["package_dirty"] == [] and record["git"]["diff_sha256"] is None
+
+    results.unlink()
+    with open(repo / "recbole_mdcns" / "losses.py", "a") as f:
+        f.write("# an uncommitted edit\n")
+    refused = run_here()
+    assert refused.returncode != 0
+    assert "uncommitted changes" in refused.stderr and "recbole_mdcns/losses.py" in refused.stderr
+    assert "--allow-dirty" in refused.stderr and not results.exists()  # nothing ran, nothing recorded
+
+    allowed = run_here("--allow-dirty")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    (record,) = run.read_results(results)
+    assert record["status"] == "ok" and record["git"]["package_dirty"] == ["recbole_mdcns/losses.py"]
+    assert len(record["git"]["diff_sha256"]) == 64
+
+
+def test_verify_reruns_a_record_and_says_whether_it_matches(tmp_path, monkeypatch, capsys):
+    """``--verify``: a record verified right after it was made MATCHES (whole run, and its first epoch alone);
+    one whose stored metric or validation score was altered DIFFERS, naming what, with exit status 1. The reruns
+    go to a scratch results file, never to the grid's."""
+    monkeypatch.chdir(tmp_path)
+    grid = _grid(tmp_path)
+    results = tmp_path / "results" / "smoke.jsonl"
+    common = ["--grid", str(grid), "--seeds", "2020", "--only", "dns-10*", "--workdir", str(tmp_path / "work"),
+              "--allow-dirty", "--in-process"]
+    (made,) = run.main(common)
+    assert made["status"] == "ok" and made["epochs"] == 2
+    before = results.read_bytes()
+
+    (whole,) = run.main(common + ["--verify"])
+    assert whole["differences"] == [] and whole["epochs"] is None and whole["record_commit"] == made["git"]["commit"]
+    (first,) = run.main(common + ["--verify", "--epochs", "1"])
+    assert first["differences"] == [] and first["epochs"] == 1
+    out = capsys.readouterr().out
+    assert out.count("MATCH    dns-10 | SASRec | tiny | seed 2020") == 2 and "the first 1 epochs" in out
+    assert results.read_bytes() == before  # the reruns went elsewhere
+    scratch = sorted((tmp_path / "work").glob("verify-*/results.jsonl"))
+    assert len(scratch) == 2 and all(run.read_results(path)[0]["status"] == "ok" for path in scratch)
+
+    altered = copy.deepcopy(made)
+    altered["test"]["ndcg@10"] += 0.001
+    altered["valid_scores"][1][1] += 0.001
+    altered["git"]["commit"] = "0" * 40
+    run.append_result(results, altered)
+    with pytest.raises(SystemExit) as failed:
+        run.main(common + ["--verify"])
+    assert failed.value.code == 1
+    out = capsys.readouterr().out
+    name = f"dns-10 | SASRec | tiny | seed 2020 ({made['key']})"
+    assert f"MATCH    {name} vs record at {made['git']['commit'][:7]}" in out
+    differs = next(line for line in out.splitlines() if line.startswith("DIFFERS"))
+    assert "vs record at 0000000" in differs and "epoch 1: valid" in differs and "test ndcg@10" in differs
+    assert "[verify] 1 of 2 records match" in out
+    (only_first,) = run.main(common + ["--verify", "--epochs", "1", "--against", "0000"])  # epoch 0 is unaltered
+    assert only_first["differences"] == []
+    (loose,) = run.main(common + ["--verify", "--against", "0000", "--tolerance", "0.002"])
+    assert loose["differences"] == []
+
+
+def test_compare_records_reports_the_first_differing_epoch():
+    record = {"status": "ok", "epochs": 4, "best_epoch": 1, "best_valid_score": 0.3,
+              "valid_scores": [[0, 0.1], [1, 0.3], [2, 0.2], [3, 0.2]], "valid": {"ndcg@10": 0.3},
+              "test": {"ndcg@10": 0.25}}
+    assert run.compare_records(record, copy.deepcopy(record)) == ([], None)
+    rerun = copy.deepcopy(record)
+    rerun["valid_scores"][2][1] = 0.21
+    rerun["test"]["ndcg@10"] = 0.26
+    differences, first = run.compare_records(record, rerun)
+    assert first == 2 and differences == ["epoch 2: valid 0.21 (record 0.2)", "test ndcg@10 0.26 (record 0.25)"]
+    short = {**copy.deepcopy(rerun), "epochs": 2, "valid_scores": rerun["valid_scores"][:2]}
+    assert run.compare_records(record, short, epochs=2) == ([], None)  # a truncated rerun: its epochs only
+    assert run.compare_records(record, short, epochs=3) == (["epoch 2: not validated by the rerun"], 2)
+    assert run.compare_records(record, {"status": "error", "error": "boom"})[0] == ["the rerun failed: boom"]
