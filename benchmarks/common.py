@@ -141,11 +141,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_identity() -> dict:
+    """The processor beyond its name: a virtual machine may name different processors alike ("AMD EPYC"), and
+    their float kernels need not round alike. ``cpu_id``: vendor, family, model, stepping; ``cpu_simd``: the vector
+    instruction sets it has (``/proc/cpuinfo``; ``None`` where that is not available)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+    except OSError:
+        return {"cpu_id": None, "cpu_simd": None}
+    simd = sorted(flag for flag in fields.get("flags", "").split() if re.fullmatch(r"avx\w*|fma|amx\w*", flag))
+    ident = " ".join([fields.get("vendor_id", "")] + [f"{label} {fields[key]}" for key, label in
+                                                      (("cpu family", "family"), ("model", "model"),
+                                                       ("stepping", "stepping")) if key in fields]).strip()
+    return {"cpu_id": ident or None, "cpu_simd": " ".join(simd) or None}
+
+
 def describe_device(device=None) -> dict:
-    """What ran the benchmark: the torch device, CPU model and threads, GPU name."""
+    """What ran the benchmark: the torch device, CPU model (:func:`cpu_identity`), the instruction set torch's
+    CPU kernels use (``cpu_capability``: DEFAULT / AVX2 / AVX512 ...) and threads, GPU name."""
     import torch
 
-    info = {"device": str(device) if device is not None else None, "cpu": cpu_name(),
+    info = {"device": str(device) if device is not None else None, "cpu": cpu_name(), **cpu_identity(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform()}
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():

@@ -680,12 +680,13 @@ def compare_records(record: dict, rerun: dict, epochs: int | None = None,
 
 
 def _environment_notes(record: dict, rerun: dict) -> list[str]:
-    """Differences in what ran the two (CPU, torch threads, package versions): same commit and seed give the same
-    numbers on one machine, not across machines (CPU kernels round differently)."""
+    """Differences in what ran the two (CPU, its instruction sets, torch threads, package versions): same commit and
+    seed give the same numbers on one machine, not across machines (CPU kernels round differently). A field the
+    record predates is not compared."""
     notes = []
     old, new = record.get("device") or {}, rerun.get("device") or {}
-    for name in ("device", "cpu", "torch_threads", "gpu"):
-        if old.get(name) != new.get(name):
+    for name in ("device", "cpu", "cpu_id", "cpu_simd", "cpu_capability", "torch_threads", "gpu"):
+        if name in old and old.get(name) != new.get(name):
             notes.append(f"{name}: record {old.get(name)!r}, rerun {new.get(name)!r}")
     old, new = record.get("versions") or {}, rerun.get("versions") or {}
     notes += [f"{name}: record {old.get(name)}, rerun {new.get(name)}" for name in sorted(set(old) | set(new))

@@ -503,6 +503,7 @@ def test_verify_reruns_a_record_and_says_whether_it_matches(tmp_path, monkeypatc
               "--allow-dirty", "--in-process"]
     (made,) = run.main(common)
     assert made["status"] == "ok" and made["epochs"] == 2
+    assert made["device"]["cpu_capability"] and "cpu_id" in made["device"]  # which kernels ran: a record's machine
     before = results.read_bytes()
 
     (whole,) = run.main(common + ["--verify"])
