@@ -20,7 +20,7 @@ from recbole_mdcns.used_pairs import PackedBitmap, PairHashSet, in_sorted
 CANDIDATES = "candidate_items"
 _REJECTION_ROUNDS = 20
 # The packed bitmap of used (user, item) pairs costs user_num * item_num / 8 bytes whatever the data
-# (10.5 GiB on the 300k x 300k synthetic catalogue of benchmarks/bench_large_catalogue.py, where our
+# (10.5 GiB on the 300k x 300k synthetic catalogue of benchmarks/studies/large_catalogue.py, where our
 # peak memory is then 1.07x RecBole's own pipeline's with a PairHashSet of 64 MiB instead). It is kept
 # while at most this large (a cost bounded next to RecBole's own dataset), as it is the faster test:
 # on ml-100k, forced onto the hash set, the same benchmark's pool draw (2048 rows, N = 100) took 1.87x

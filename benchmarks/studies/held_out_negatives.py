@@ -15,7 +15,7 @@ every training target:
 Each cell is one of a converged grid's cells (same settings), trained ``--epochs`` epochs from scratch on
 its tuning seed, without validation (so no early stop). The figures never feed back into training::
 
-    python -m benchmarks.held_out_negatives --grid benchmarks/grids/converged_ml100k.yaml \\
+    python -m benchmarks.studies.held_out_negatives --grid benchmarks/grids/converged_ml100k.yaml \\
         --cells uniform,dns-m1,dns-m5,mdcns-m3 --epochs 30 --json benchmarks/results/held_out_negatives-ml-100k.json
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
         print(f"[held-out] {label}: {results[-1]['seconds']:.0f} s", flush=True)
     dataset = cells[labels[0]].dataset
     print(render(dataset, results, args.epochs))
-    out = {"command": "python -m benchmarks.held_out_negatives " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"command": "python -m benchmarks.studies.held_out_negatives " + " ".join(sys.argv[1:] if argv is None else argv),
            "dataset": dataset,
            "epochs": args.epochs, "git": git_state(), "versions": versions(), "results": results}
     if args.json:

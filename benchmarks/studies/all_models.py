@@ -1,7 +1,7 @@
 """The all-models sweep as one table: every model of `grids/all_models.yaml` against every sampler.
 
     OMP_NUM_THREADS=1 python -m benchmarks.run --grid benchmarks/grids/all_models.yaml
-    python -m benchmarks.all_models            # -> benchmarks/ALL_MODELS.md
+    python -m benchmarks.studies.all_models            # -> benchmarks/ALL_MODELS.md
 
 A cell reads `s/epoch` when its epoch trained, validated and tested, `refused [n]` when the sampler refused
 the model before training (the reason is footnote `n`), `error [n]` for any other failure, `--` when not

@@ -2,7 +2,7 @@
 with 1 thread each (:meth:`recbole_mdcns.trainer.NegSamplingTrainer.evaluate` sharding RecBole's
 evaluation batches), interleaved round by round on the same two processes:
 
-    python -m benchmarks.bench_ddp_eval [--rounds 5] [--eval-batch-size 256]
+    python -m benchmarks.studies.ddp_eval [--rounds 5] [--eval-batch-size 256]
 
 Each round: process 0 alone runs RecBole's unsharded ``Trainer.evaluate`` with 2 threads, and
 with 1 thread for reference (process 1 waits in a gloo barrier, which takes no CPU), then both
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="write the record here")
     args = parser.parse_args(argv)
     args.data_path, args.json = (os.path.abspath(p) if p else None for p in (args.data_path, args.json))  # chdir below
-    command = command_line(argv, "benchmarks.bench_ddp_eval")
+    command = command_line(argv, "benchmarks.studies.ddp_eval")
     print(f"$ {command}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_ddp_eval-") as tmp:
         args.workdir = tmp

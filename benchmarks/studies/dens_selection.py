@@ -14,7 +14,7 @@ interleaved, medians over ``--repeats`` (one thread, random tensors at LastFM's 
 * ``dns scoring`` -- DNS's pool scores, ``(h @ E.T).gather`` (what DENS's selection replaces);
 * ``contrastive`` -- DENS's positive / negative gates and four contrastive terms, forward and backward.
 
-    python benchmarks/bench_dens_selection.py --json benchmarks/results/bench_dens_selection-cpu.json
+    python -m benchmarks.studies.dens_selection --json benchmarks/results/bench_dens_selection-cpu.json
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 whole catalogue, then a gather of the pool's columns. ``recbole_mdcns.scoring.FULL_CATALOGUE_RATIO``
 picks between them. Run from the repo root (one thread, as the project's grid cells):
 
-    python benchmarks/bench_pool_scoring.py
+    python -m benchmarks.studies.pool_scoring
 """
 
 import argparse

@@ -6,7 +6,7 @@ training batch of RecBole's loader (BPR, one uniform negative), the model built 
 Reported: the process's peak resident set (``resource.getrusage`` max RSS) minus its resident
 set just before the steps, and the second step's seconds (one thread). Run from the repo root:
 
-    python benchmarks/bench_mamba4rec_memory.py --batches 1024,2048 --chunks 0,256
+    python -m benchmarks.studies.mamba4rec_memory --batches 1024,2048 --chunks 0,256
 """
 from __future__ import annotations
 
