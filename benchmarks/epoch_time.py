@@ -76,7 +76,7 @@ VARIANTS = {
     "recbole-dns-10": {"neg_sampler": "recbole", "loss_type": "BPR", "train_neg_sample_args": RECBOLE_DNS},
     "peer-uniform": {"neg_sampler": "uniform"},
     "mdcns": {"neg_sampler": "mdcns", "candidate_num": 100},
-    # train_positions: all (issue 10): every target of a user window from one encoder pass
+    # train_positions: all: every target of a user window from one encoder pass
     "recbole-uniform": {"neg_sampler": "recbole", "loss_type": "BPR",
                         "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
     "uniform-all": {"neg_sampler": "uniform", "train_positions": "all"},
@@ -92,7 +92,7 @@ VARIANTS = {
     "srns": {"neg_sampler": "srns"},
 }
 FULL_SEQUENCE_VARIANTS = ["uniform", "recbole-uniform", "uniform-all", "dns-100-all", "mdcns-all", "divns-all"]
-# issue 14: every baseline at N = 100 (its own pool where it has one) against uniform, all positions
+# every baseline at N = 100 (its own pool where it has one) against uniform, all positions
 BASELINES_ALL = {"mixgcf-100-all": "mixgcf-100", "dens-100-all": "dens-100", "ahns-100-all": "ahns-100",
                  "adasir-all": "adasir", "gnno-all": "gnno", "srns-all": "srns"}
 VARIANTS.update({label: {**VARIANTS[base], "train_positions": "all"} for label, base in BASELINES_ALL.items()})
@@ -493,9 +493,9 @@ def main(argv=None) -> dict | None:
 
         torch.set_num_threads(args.threads)
     labels = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if labels == ["full-sequence"]:  # issue 10's comparison
+    if labels == ["full-sequence"]:  # all positions against prefix rows
         labels = list(FULL_SEQUENCE_VARIANTS)
-    elif labels == ["baselines-all"]:  # issue 14's comparison
+    elif labels == ["baselines-all"]:  # the baselines against uniform, all positions
         labels = list(BASELINE_VARIANTS)
     elif labels == ["anomaly"]:
         labels = list(ANOMALY_VARIANTS)

@@ -1,4 +1,7 @@
-"""The all-models sweep as one table: every model of `grids/all_models.yaml` against every sampler.
+"""Question: Does every sampler train, validate and test with every RecBole sequential model?
+Result: benchmarks/ALL_MODELS.md, from the grid's records in benchmarks/results/all_models.jsonl.
+
+The all-models sweep as one table: every model of `grids/all_models.yaml` against every sampler.
 
     OMP_NUM_THREADS=1 python -m benchmarks.run --grid benchmarks/grids/all_models.yaml
     python -m benchmarks.studies.all_models            # -> benchmarks/ALL_MODELS.md

@@ -1,4 +1,7 @@
-"""Full-sort validation of SASRec on ml-100k: one process with 2 threads against 2 DDP processes
+"""Question: Does sharding full-sort evaluation across DDP processes save time, with the same metrics?
+Result: --json (committed: benchmarks/results/ddp_eval.json); findings: benchmarks/studies/ddp_eval.md.
+
+Full-sort validation of SASRec on ml-100k: one process with 2 threads against 2 DDP processes
 with 1 thread each (:meth:`recbole_mdcns.trainer.NegSamplingTrainer.evaluate` sharding RecBole's
 evaluation batches), interleaved round by round on the same two processes:
 
@@ -10,7 +13,7 @@ run the sharded evaluation with 1 thread each. Reported: the slower process's wa
 busier one's CPU time (all its threads), which a shared machine's other load does not inflate as
 it does wall time. The model is SASRec at RecBole's defaults, freshly seeded (evaluation costs the
 same trained or not); all three ways must give the same metrics. Figures and command:
-``benchmarks/README.md``.
+``benchmarks/studies/ddp_eval.md``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Cost of DivNS's epoch-end k-DPP refresh and of its caches, per cap, with ``divns_cache_bound: rows``.
+"""Question: What do DivNS's cache caps cost in refresh time and memory under divns_cache_bound: rows?
+Result: --json (committed: benchmarks/results/divns_cap-*-cpu.json); findings: benchmarks/studies/divns_cap.md.
+
+Cost of DivNS's epoch-end k-DPP refresh and of its caches, per cap, with ``divns_cache_bound: rows``.
 
 Under ``rows`` a user with ``n_u`` training rows per epoch gets ``|C_u| <= min(r n_u, cap)`` and
 ``|H_u| <= min(n_u, cap // r)``. This fills every user's caches to those bounds with distinct

@@ -1,4 +1,7 @@
-"""Time DivNS's epoch-end refresh against one training epoch (SASRec, ml-100k by default).
+"""Question: What share of a training epoch is DivNS's epoch-end k-DPP refresh?
+Result: printed; findings: benchmarks/studies/divns_cap.md.
+
+Time DivNS's epoch-end refresh against one training epoch (SASRec, ml-100k by default).
 
 The refresh (negative statistics, per-user kernels over the runner-up caches, batched
 exact k-DPP sampling, clearing the caches) must stay <= 10% of a training epoch.

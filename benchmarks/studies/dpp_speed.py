@@ -1,4 +1,7 @@
-"""Benchmark batched ``sample_k_dpp`` against one-user-at-a-time exact k-DPP sampling with dppy.
+"""Question: How much faster is the batched exact k-DPP than one-user-at-a-time dppy?
+Result: printed; findings: benchmarks/studies/capped_evidence.md (DivNS).
+
+Benchmark batched ``sample_k_dpp`` against one-user-at-a-time exact k-DPP sampling with dppy.
 
 Each user has its own quality-weighted cosine kernel ``L_u = diag(q) S diag(q)`` over ``m``
 cached items (``S`` from rank-``d`` unit embeddings). Both samplers are exact and pay for the

@@ -1,4 +1,7 @@
-"""How often a sampler trains on a user's held-out items as negatives (issue 13: why DNS(M, N) loses to
+"""Question: How often do samplers train on a user's held-out (validation / test) items as negatives?
+Result: --json (committed: benchmarks/results/held_out_negatives-*.json); findings: benchmarks/studies/held_out_negatives.md.
+
+How often a sampler trains on a user's held-out items as negatives (why DNS(M, N) loses to
 ``uniform`` in the converged grids).
 
 RecBole's leave-one-out split holds out each user's last two items (validation, test). Candidate pools

@@ -1,4 +1,7 @@
-"""Memory on a catalogue of hundreds of thousands, and the cost of the sparse pool sampler.
+"""Question: Does the pool sampler's memory grow with the interactions on a 300k x 300k catalogue, and what does its hash set cost against the bitmap?
+Result: --json (committed: benchmarks/results/large_catalogue.json); findings: benchmarks/studies/large_catalogue.md.
+
+Memory on a catalogue of hundreds of thousands, and the cost of the sparse pool sampler.
 
 Two measurements, run from the repository root::
 

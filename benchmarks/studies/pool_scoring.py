@@ -1,4 +1,7 @@
-"""Forward + backward cost of scoring a ``[B, K]`` candidate pool by ``h · E[items]``, both ways.
+"""Question: Which way of scoring a [B, N] candidate pool is cheaper, forward and backward?
+Result: printed; findings: benchmarks/studies/epoch_time.md (MDCNS section).
+
+Forward + backward cost of scoring a ``[B, K]`` candidate pool by ``h · E[items]``, both ways.
 
 ``gather``: the item vectors of the pool are gathered (``[B, K, d]``) and multiplied with ``h``
 (``bmm``; ``einsum`` is what the scorer used before); ``catalogue``: one ``h @ E.T`` matmul over the

@@ -1,4 +1,7 @@
-"""Why a validation gain does not reach the test: two chosen settings of a converged grid, per seed.
+"""Question: Why does a validation gain of one converged setting over another not reach the test?
+Result: printed; findings: benchmarks/REPRODUCTION.md (LastFM).
+
+Why a validation gain does not reach the test: two chosen settings of a converged grid, per seed.
 
     python -m benchmarks.studies.valid_test_gap --grid benchmarks/grids/converged_lastfm.yaml --pair MDCNS DNS+
 
