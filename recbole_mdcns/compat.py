@@ -27,6 +27,11 @@ the shims the pins cannot:
   RecBole's exhaustive search hands it a ``RandomState`` (RecBole issue #1868).
   ``recbole.trainer.hyper_tuning`` sees a ``numpy`` whose ``random.RandomState``
   gives the generator the installed hyperopt expects.
+* RecBole's graph models (LightGCN, NGCF, NCL, SpectralCF, GCMC) fill their adjacency matrix with
+  ``scipy.sparse.dok_matrix._update(dict)``, the ``dict.update`` of a ``dok_matrix`` that was a ``dict``
+  subclass; scipy >= 1.13 keeps the entries in ``_dict`` instead and has no ``_update``
+  (``AttributeError`` when the model is built). :func:`_restore_dok_update` gives it back, as the same
+  unchecked update of the entries.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from typing import Any, Iterator
 
 import numpy
 import pandas
+import scipy.sparse
 import torch
 from recbole.config import Config
 
@@ -225,9 +231,21 @@ def _keep_anomaly_mode_off() -> None:
         torch.autograd.set_detect_anomaly(enabled, check_nan)
 
 
+def _dok_update(self: scipy.sparse.dok_matrix, entries: dict) -> None:
+    """``dok_matrix._update`` as scipy < 1.13 had it: set the ``(row, col) -> value`` entries, unchecked."""
+    self._dict.update(entries)
+
+
+def _restore_dok_update() -> None:
+    """Give scipy >= 1.13's ``dok_matrix`` the ``_update`` RecBole's graph models call (module docstring)."""
+    if not hasattr(scipy.sparse.dok_matrix, "_update"):
+        scipy.sparse.dok_matrix._update = _dok_update
+
+
 def apply() -> None:
     """Check the pins and install the shims; idempotent."""
     _check_pins()
+    _restore_dok_update()
     _keep_anomaly_mode_off()
     if "ray" not in sys.modules:
         _guard_ray()
