@@ -47,7 +47,7 @@ from recbole.data.interaction import Interaction
 from recbole_mdcns.config import check_bool, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
-from recbole_mdcns.methods.divns import synthesis_is_exact
+from recbole_mdcns.methods.divns.pairing import synthesis_is_exact
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.scoring import one_pass_scorer
 

@@ -14,7 +14,7 @@ choice is ``argmax_c h . e'_c`` over the pool (``top_m > 1``: drawn uniformly fr
 paper's MixGCF+), and the negative is that candidate's mixed embedding ``e' = alpha e_{v+} + (1 - alpha)
 e_c``. Its score is ``h . e' = alpha s(v+) + (1 - alpha) s(c)`` -- exact on scores for scorers linear in
 the item vector (``h . v(item)``, plus a per-item bias for BERT4Rec; see
-:func:`recbole_mdcns.methods.divns.synthesis_is_exact`), so the mix is done on scores and its gradient
+:func:`recbole_mdcns.methods.divns.pairing.synthesis_is_exact`), so the mix is done on scores and its gradient
 reaches both the positive's and the candidate's parameters, as MixGCF's does. Other scorers (TransRec,
 the generic ``predict()`` path) train on that score mix as a documented fallback; the run logs which.
 
@@ -37,7 +37,7 @@ from recbole.data.interaction import Interaction
 from recbole_mdcns.config import packaged_yaml
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
-from recbole_mdcns.methods.divns import describe_synthesis
+from recbole_mdcns.methods.divns.pairing import describe_synthesis
 from recbole_mdcns.methods.dns import check_neg_num_within_top_m
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.strategies import TopMNegative
