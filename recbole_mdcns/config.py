@@ -5,9 +5,12 @@ import math
 import numbers
 import os
 from importlib import resources
+from logging import getLogger
 from pathlib import Path
 
 import torch
+import yaml
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.config import Config
 from recbole.utils import ModelType
 
@@ -49,7 +52,7 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
     """RecBole's ``Config`` with the chosen sampler's defaults merged under the user's values.
 
     Without ``neg_sampler`` (or with ``neg_sampler: recbole``) this is RecBole's
-    own ``Config``, untouched.
+    own ``Config``, untouched but for ``load_col`` (:func:`check_time_column`).
     """
     files = list(config_file_list or [])
     user = user_settings(files, config_dict)
@@ -61,6 +64,7 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
             raise ValueError(f"train_positions: {config['train_positions']} needs one of this package's samplers "
                              f"(neg_sampler one of {available_samplers()[1:]}); neg_sampler=recbole runs RecBole's "
                              "own trainer, which trains prefix rows")
+        check_time_column(config, user)
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
     check_distributed_keys(user)  # before RecBole's Config, which would open its own process group
@@ -147,7 +151,48 @@ def validate(config: Config, user: dict) -> None:
                 f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the folder that "
                 "holds <dataset>/<dataset>.inter (or the benchmark_filename parts; ml-100k ships with RecBole)"
             )
+    check_time_column(config, user)
     get_sampler(config["neg_sampler"]).cls.validate_config(config)
+
+
+def _inter_fields(config: Config) -> list[str]:
+    """Field names in the header (first line) of ``<dataset>.inter``, read as RecBole reads it (``field_separator``,
+    ``encoding``); empty when there is no such file (RecBole reports that itself)."""
+    path = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding=config["encoding"]) as f:
+        header = f.readline().rstrip("\r\n")
+    return [column.split(":")[0] for column in header.split(config["field_separator"])]
+
+
+def check_time_column(config: Config, user: dict) -> None:
+    """A sequential model's dataset orders each user's interactions by ``TIME_FIELD``, so ``load_col`` must load
+    it when the ``.inter`` file has it. RecBole's default ``load_col`` (``inter: [user_id, item_id]`` for a
+    dataset without its own YAML) does not: when the user did not set ``load_col`` (``user``: their own settings,
+    :func:`recbole_mdcns.recbole_keys.user_settings`), the field is added and a warning logged; a ``load_col``
+    the user set without it is a ``ValueError`` naming the fix, before any data is loaded. Other models, an
+    ``.inter`` without the field, a ``load_col`` that loads every column, and ``benchmark_filename`` parts (already
+    split, so never ordered by time) are left to RecBole."""
+    time_field, load_col = config["TIME_FIELD"], config["load_col"]
+    if (config["MODEL_TYPE"] != ModelType.SEQUENTIAL or not time_field or not isinstance(load_col, dict)
+            or config["benchmark_filename"]):
+        return
+    columns = load_col.get("inter") or []
+    if columns == "*" or time_field in columns or time_field not in _inter_fields(config):
+        return
+    fixed = {**load_col, "inter": [*(columns or [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]]), time_field]}
+    if "load_col" in user:
+        fix = yaml.safe_dump({"load_col": fixed}, default_flow_style=True, sort_keys=False, width=math.inf)
+        raise ValueError(
+            f"load_col must load {time_field} (TIME_FIELD) from {config['dataset']}.inter: {config['model']} is a "
+            f"sequential model, whose dataset orders each user's interactions by it; got load_col: {load_col}. "
+            f"Add it to the inter columns: {fix.strip()[1:-1]}")
+    config["load_col"] = fixed
+    if rank_zero_only.rank == 0:
+        getLogger().warning(f"load_col: added {time_field} (TIME_FIELD) to RecBole's default inter columns, as "
+                            f"{config['model']} is a sequential model, whose dataset orders each user's "
+                            f"interactions by it: load_col = {fixed}")
 
 
 def _check_positions(config: Config) -> None:
