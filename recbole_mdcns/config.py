@@ -15,6 +15,7 @@ from recbole.config import Config
 from recbole.utils import ModelType
 
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
+from recbole_mdcns.general import GENERAL_MODELS, unsupported_model_message
 from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
 from recbole_mdcns.registry import available_samplers, get_sampler
 
@@ -114,8 +115,10 @@ def validate(config: Config, user: dict) -> None:
     """Check every sampler key, and every RecBole key the user set (``user``: their own settings,
     :func:`recbole_mdcns.recbole_keys.user_settings`, without the packaged defaults the config also
     holds); raises ``ValueError`` naming the key and its valid values."""
-    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
-        raise ValueError(f"neg_sampler works with RecBole's sequential models; {config['model']} is not one")
+    if config["MODEL_TYPE"] == ModelType.GENERAL:
+        _check_general(config)
+    elif config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise ValueError(unsupported_model_message(config["model"]))
     if config["model"] in NO_BPR_MODELS:
         raise ValueError(
             f"model {config['model']} has no sampled-negative (BPR) mode in RecBole; "
@@ -153,6 +156,28 @@ def validate(config: Config, user: dict) -> None:
             )
     check_time_column(config, user)
     get_sampler(config["neg_sampler"]).cls.validate_config(config)
+
+
+def _check_general(config: Config) -> None:
+    """A general model: one of :data:`~recbole_mdcns.general.GENERAL_MODELS`, a sampler that trains them,
+    prefix rows, and faiss for NCL (its ``e_step`` clusters with it)."""
+    name, sampler = config["model"], config["neg_sampler"]
+    if name not in GENERAL_MODELS:
+        raise ValueError(unsupported_model_message(name))
+    if not get_sampler(sampler).cls.general_models:
+        general = [s for s in available_samplers()[1:] if get_sampler(s).cls.general_models]
+        raise ValueError(f"neg_sampler={sampler} works with RecBole's sequential models only "
+                         f"({get_sampler(sampler).cls.general_models_why}); for the general model {name} use one "
+                         f"of {general}")
+    if config["train_positions"] != "last":
+        raise ValueError(f"train_positions must be 'last' for the general model {name} (its rows are (user, item) "
+                         f"interactions, there is no sequence), got {config['train_positions']!r}")
+    if name == "NCL":
+        try:
+            import faiss  # noqa: F401  (RecBole's NCL.e_step clusters with faiss.Kmeans)
+        except ImportError as error:
+            raise ValueError("model NCL needs faiss for its e_step (RecBole clusters users and items with "
+                             "faiss.Kmeans): pip install faiss-cpu (or recbole-mdcns[ncl])") from error
 
 
 def _inter_fields(config: Config) -> list[str]:
@@ -215,6 +240,10 @@ def check_catalogue(config: Config, dataset) -> None:
             f"candidate_num must be in [1, {n_items}] (the number of items in {config['dataset']}), "
             f"got {config['candidate_num']}"
         )
+    clustered = min(dataset.user_num, dataset.item_num)
+    if config["model"] == "NCL" and not 1 <= config["num_clusters"] <= clustered:
+        raise ValueError(f"num_clusters must be in [1, {clustered}] for NCL on {config['dataset']} (its e_step clusters "
+                         f"the users and the items into num_clusters prototypes each), got {config['num_clusters']}")
 
 
 def _resolve_device(config: Config) -> None:

@@ -207,6 +207,10 @@ class PredictScorer(Scorer):
 
 def one_pass_scorer(model) -> type[DotScorer]:
     """The one-pass scorer class for ``model`` (by its class or a RecBole base class)."""
+    from recbole_mdcns.general import GeneralScorer, is_general  # the general scorer builds on this module
+
+    if is_general(model):
+        return GeneralScorer
     for cls in type(model).__mro__:
         if cls.__name__ in MODEL_SCORERS:
             return MODEL_SCORERS[cls.__name__]
