@@ -177,6 +177,25 @@ class GeneralScorer(DotScorer):
         return self.last_items.to(items.device)[items]
 
 
+def layer_scores(model, prop: Propagation, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """``[B, K, L + 1]`` per-layer scores of ``items`` ``[B, K]`` for the rows' ``users`` ``[B]``: with layers
+    averaged (LightGCN, SGL, NCL) ``u · v^(l)`` for the pooled user vector ``u``, whose mean over the layers is
+    ``u · v``; with layers concatenated (NGCF, SpectralCF) ``u^(l) · v^(l)``, whose sum is ``u · v``."""
+    if prop.layers is None:
+        raise TypeError(f"{type(model).__name__} exposes no per-layer embeddings")
+    scores = []
+    for layer in prop.layers:
+        u = prop.users[users] if prop.combine == "mean" else layer[users]
+        v = layer[model.n_users + items]
+        scores.append(torch.bmm(v, u.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(scores, -1)
+
+
+def combine_layers(prop: Propagation, scores: torch.Tensor) -> torch.Tensor:
+    """Per-layer scores ``[..., L + 1]`` combined into the model's score (their mean or their sum)."""
+    return scores.mean(-1) if prop.combine == "mean" else scores.sum(-1)
+
+
 def build_general_scorer(model, interaction: Interaction, items: torch.Tensor) -> GeneralScorer:
     """The :class:`GeneralScorer` of ``model``, checked in eval mode against the model's own
     ``predict`` on a real batch (to :data:`~recbole_mdcns.scoring.TOLERANCE`); logs the path."""

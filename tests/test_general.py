@@ -200,9 +200,14 @@ def test_general_pool_excludes_the_users_training_items(tiny_data, in_tmp):
     _, train_data, _, _ = load_data(config)
     inter = train_data._dataset.inter_feat
     seen = set(zip(inter["user_id"].tolist(), inter["item_id"].tolist()))
+    assert train_data.neg_sample_args["distribution"] == "none" and train_data.step == config["train_batch_size"]
+    rows = 0
     for batch in train_data:
+        assert "neg_item_id" not in batch.interaction  # RecBole's own negative sampling is off: rows not repeated
+        rows += len(batch)
         for user, pool in zip(batch["user_id"].tolist(), batch[CANDIDATES].tolist()):
             assert not any((user, item) in seen for item in pool)
+    assert rows == len(inter)
     assert len(train_data._sampler.used_ids) == len(seen)  # memory: one key per training interaction
 
 
@@ -237,3 +242,38 @@ def test_every_sampler_trains_bpr_and_lightgcn(tiny_data, in_tmp, model_name, sa
     assert 0 <= result["test_result"]["ndcg@10"] <= 1
     assert result["train_info"]["negative_history"][0]["negatives"] > 0
 
+
+
+@pytest.mark.parametrize("model_name", ["LightGCN", "NGCF"])
+def test_mixgcf_hop_mixing_scores_the_pooled_mixed_embeddings(tiny_data, in_tmp, model_name):
+    """MixGCF's negative, built from embeddings as its code builds it -- per layer alpha_l e_{v+} + (1 - alpha_l)
+    e_{c_l}, pooled as the model pools its layers (LightGCN: mean, NGCF: concatenation) -- scores with the user
+    vector exactly as :func:`hop_mixing` computes it from per-layer scores."""
+    from recbole_mdcns.general import layer_scores, propagate
+    from recbole_mdcns.methods.mixgcf import hop_mixing
+
+    _, model, _, batch = general_setup(model_name, "mixgcf", tiny_data, in_tmp, candidate_num=10)
+    model.eval()
+    with torch.no_grad():
+        prop = propagate(model)
+        users, pos = batch[model.USER_ID], batch[model.ITEM_ID]
+        rows, layers = len(users), len(prop.layers)
+        chosen = batch[CANDIDATES][:, :layers]                    # layer l's choice: candidate l
+        alpha = torch.rand(rows, 1, layers)
+        mixed = [alpha[:, 0, l, None] * layer[model.n_users + pos] + (1 - alpha[:, 0, l, None])
+                 * layer[model.n_users + chosen[:, l]] for l, layer in enumerate(prop.layers)]
+        negative = torch.stack(mixed, 1).mean(1) if model_name == "LightGCN" else torch.cat(mixed, 1)
+        user = prop.users[users]
+        expected = (user * negative).sum(-1)
+        per_layer = layer_scores(model, prop, users, chosen).diagonal(dim1=1, dim2=2).unsqueeze(1)
+        got = hop_mixing(layer_scores(model, prop, users, pos.unsqueeze(1)).squeeze(1), per_layer, alpha, prop)
+    assert torch.allclose(got.squeeze(1), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model_name", "line"), [("LightGCN", "positive and hop mixing over its 2 layers"),
+                                                  ("BPR", "positive mixing in one layer")])
+def test_mixgcf_logs_its_path(tiny_data, in_tmp, model_name, line, caplog):
+    with caplog.at_level("INFO"):
+        run_recbole(model_name, "tiny", config_dict=general_config(tiny_data, in_tmp, model_name, neg_sampler="mixgcf",
+                                                                 candidate_num=10, n_layers=1, state="INFO"))
+    assert line in caplog.text
