@@ -277,3 +277,36 @@ def test_mixgcf_logs_its_path(tiny_data, in_tmp, model_name, line, caplog):
         run_recbole(model_name, "tiny", config_dict=general_config(tiny_data, in_tmp, model_name, neg_sampler="mixgcf",
                                                                  candidate_num=10, n_layers=1, state="INFO"))
     assert line in caplog.text
+
+
+def test_lightgcn_ddp_validates_and_tests_like_one_process_on_its_checkpoint(tiny_data, in_tmp):
+    """LightGCN + dns under 2-process CPU DDP: training, RecBole's full-sort evaluation sharded over the
+    processes (general batches: interaction, history_index, positive_u, positive_i), and results equal to one
+    process's evaluation of the checkpoint it saved."""
+    import subprocess
+    import sys
+
+    import yaml
+    from test_sharded_eval import _logged
+
+    from recbole_mdcns.trainer import NegSamplingTrainer
+
+    config = general_config(tiny_data, in_tmp, "LightGCN", neg_sampler="dns", candidate_num=10, eval_batch_size=7,
+                            state="INFO", metric_decimal_place=12)
+    (in_tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "recbole_mdcns", "--model=LightGCN", "--dataset=tiny", "--config_files",
+           str(in_tmp / "tiny.yaml"), "--accelerator=cpu", "--devices=2", "--strategy=ddp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=in_tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log and log.count("epoch 0 training") == 1
+
+    checkpoint, = glob.glob(str(in_tmp / "saved" / "LightGCN-*.pth"))
+    config = create_config("LightGCN", "tiny", config_dict=config)
+    init_seed(config["seed"], config["reproducibility"])  # RecBole's random split (RS) draws from the seed
+    train, valid, test = data_preparation(config, create_dataset(config))
+    trainer = NegSamplingTrainer(config, get_model("LightGCN")(config, train._dataset))
+    trainer.eval_collector.data_collect(train)
+    for head, data in (("best valid", valid), ("test result", test)):
+        result = trainer.evaluate(data, model_file=checkpoint)
+        assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
