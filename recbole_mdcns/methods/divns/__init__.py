@@ -1,4 +1,5 @@
-"""DivNS: diversity-augmented negative sampling (arXiv 2508.14468) for RecBole's sequential models.
+"""DivNS: diversity-augmented negative sampling (arXiv 2508.14468) for RecBole's sequential models
+and its dot-product general models.
 
 Per training row of user ``u`` (see ``shared/design/divns.md``):
 
