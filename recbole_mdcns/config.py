@@ -12,10 +12,10 @@ from recbole.config import Config
 from recbole.utils import ModelType
 
 from recbole_mdcns import history_mask
+from recbole_mdcns.benchmark_files import check_benchmark_config
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
 from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
 from recbole_mdcns.registry import available_samplers, get_sampler
-from recbole_mdcns.user_split import check_benchmark_config
 
 NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")

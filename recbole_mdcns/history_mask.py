@@ -27,7 +27,7 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
 from recbole_mdcns.full_sequence import ChainError, user_sequences
-from recbole_mdcns.user_split import HISTORY_ITEMS, HISTORY_SUFFIX, HISTORY_USER
+from recbole_mdcns.benchmark_files import HISTORY_ITEMS, HISTORY_SUFFIX, HISTORY_USER
 
 KEY = "eval_mask_history"
 

@@ -16,6 +16,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
+from recbole_mdcns.benchmark_files import check_benchmark_ids, warn_unseen_users
 from recbole_mdcns.config import check_catalogue, create_config, preset_yaml
 from recbole_mdcns.data import candidate_train_loader
 from recbole_mdcns.history_mask import mask_history
@@ -25,7 +26,6 @@ from recbole_mdcns.quiet import dataset_output
 from recbole_mdcns.registry import get_sampler
 from recbole_mdcns.summary import summary_table
 from recbole_mdcns.trainer import NegSamplingTrainer
-from recbole_mdcns.user_split import check_benchmark_ids, warn_unseen_users
 
 
 def _init_logger(config) -> None:

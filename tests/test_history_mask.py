@@ -25,9 +25,7 @@ import recbole_mdcns  # noqa: F401 -- installs the compat shims
 from recbole_mdcns.config import create_config
 from recbole_mdcns.evaluation import ScoreEnsemble
 from recbole_mdcns.history_mask import HistoryMaskedEvalLoader
-from recbole_mdcns.models import get_model
 from recbole_mdcns.quick_start import build_model, build_trainer, fit_and_test, load_data
-from recbole_mdcns.trainer import NegSamplingTrainer
 from recbole_mdcns.user_split import main as user_split
 
 METRICS = {"metrics": ["Recall", "NDCG", "MRR"], "topk": [10], "metric_decimal_place": 12}
