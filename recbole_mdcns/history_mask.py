@@ -85,7 +85,7 @@ def row_histories(train, valid, test) -> tuple[RowHistories, RowHistories]:
             f"{KEY}: the rows of a user across the training, validation and test sets must form one sequence (each "
             "row the previous row's sequence plus its target, cut to the last MAX_ITEM_LIST_LENGTH items), as "
             "RecBole's leave-one-out rows and python -m recbole_mdcns.user_split's files do; these do not, so no "
-            f"row's whole prefix can be rebuilt ({error})") from error
+            "row's whole prefix can be rebuilt") from error
     u = torch.searchsorted(seqs.users, user)                   # each row's user, as an index into seqs
     order = torch.argsort(user, stable=True)
     counts = torch.bincount(u, minlength=len(seqs.users))
