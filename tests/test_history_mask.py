@@ -5,12 +5,14 @@ peer and ensemble; off, RecBole's evaluation is untouched."""
 from __future__ import annotations
 
 import collections
+import glob
 import math
 import os
 import socket
 from pathlib import Path
 
 import pytest
+import recbole.quick_start
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,7 +27,7 @@ import recbole_mdcns  # noqa: F401 -- installs the compat shims
 from recbole_mdcns.config import create_config
 from recbole_mdcns.evaluation import ScoreEnsemble
 from recbole_mdcns.history_mask import HistoryMaskedEvalLoader
-from recbole_mdcns.quick_start import build_model, build_trainer, fit_and_test, load_data
+from recbole_mdcns.quick_start import build_model, build_trainer, fit_and_test, load_data, run_recbole
 from recbole_mdcns.user_split import main as user_split
 
 METRICS = {"metrics": ["Recall", "NDCG", "MRR"], "topk": [10], "metric_decimal_place": 12}
@@ -243,3 +245,15 @@ def test_rows_that_do_not_chain_are_an_error_naming_the_switch(tiny_data, tmp_pa
     with pytest.raises(ValueError, match="eval_mask_history: the rows of a user across the training, validation "
                                          "and test sets must form one sequence"):
         load_data(config)
+
+
+def test_checkpoint_of_a_masked_run_reloads_masked_loaders(tiny_data, in_tmp):
+    """RecBole's load_data_and_model (as this package installs it) rebuilds the masked loaders from the saved
+    config, so testing the checkpoint again gives the run's test result."""
+    result = run_recbole("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, **DNS, eval_mask_history=True))
+    checkpoint, = glob.glob(str(in_tmp / "saved" / "SASRec-*.pth"))
+    config, model, _, train, valid, test = recbole.quick_start.load_data_and_model(checkpoint)
+    assert isinstance(valid, HistoryMaskedEvalLoader) and isinstance(test, HistoryMaskedEvalLoader)
+    trainer = Trainer(config, model)
+    trainer.eval_collector.data_collect(train)
+    assert trainer.evaluate(test, load_best_model=False) == result["test_result"]
