@@ -183,7 +183,6 @@ class Written:
     users: dict[str, int]
     rows: dict[str, int]
     history_rows: int
-    config: dict
 
 
 def _rows(seq: Sequences, users: np.ndarray, max_len: int, every_prefix: bool) -> tuple[list[str], list[str]]:
@@ -238,7 +237,7 @@ def write_split(seq: Sequences, split: tuple[np.ndarray, np.ndarray, np.ndarray]
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Written(folder, {part: len(users) for part, users in zip(SPLITS, split)}, rows, len(history), config)
+    return Written(folder, {part: len(users) for part, users in zip(SPLITS, split)}, rows, len(history))
 
 
 def benchmark_config(data_path: Path, max_len: int, history: bool, timed: bool) -> dict:
