@@ -149,9 +149,12 @@ class _PickleSafeLoad(types.ModuleType):
 def load_data_and_model(model_file: str) -> tuple:
     """``recbole.quick_start.load_data_and_model``, reading ``model_file`` through
     :func:`load_recbole_checkpoint` (RecBole's imports ``torch`` inside the function, out of
-    reach of a module stand-in): ``(config, model, dataset, train_data, valid_data, test_data)``."""
+    reach of a module stand-in): ``(config, model, dataset, train_data, valid_data, test_data)``; the
+    validation and test loaders mask each row's prefix when the run had ``eval_mask_history: true``."""
     from recbole.data import create_dataset, data_preparation  # RecBole is imported after the pin checks
     from recbole.utils import get_model, init_logger, init_seed
+
+    from recbole_mdcns.history_mask import mask_history
 
     checkpoint = load_recbole_checkpoint(model_file)
     config = checkpoint["config"]
@@ -163,6 +166,7 @@ def load_data_and_model(model_file: str) -> tuple:
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    valid_data, test_data = mask_history(config, train_data, valid_data, test_data)
 
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])

@@ -14,6 +14,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.config import Config
 from recbole.utils import ModelType
 
+from recbole_mdcns import history_mask
+from recbole_mdcns.benchmark_files import check_benchmark_config
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
 from recbole_mdcns.general import GENERAL_MODELS, unsupported_model_message
 from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
@@ -66,6 +68,9 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
                              f"(neg_sampler one of {available_samplers()[1:]}); neg_sampler=recbole runs RecBole's "
                              "own trainer, which trains prefix rows")
         check_time_column(config, user)
+        if config[history_mask.KEY] is not None:  # this package's loaders mask RecBole's own trainer's evaluation too
+            history_mask.check_config(config)
+            check_benchmark_config(config)
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
     check_distributed_keys(user)  # before RecBole's Config, which would open its own process group
@@ -142,11 +147,13 @@ def validate(config: Config, user: dict) -> None:
     if config["torch_threads"] is not None:
         check_number(config, "torch_threads", 1, integer=True)
     check_number(config, "neg_num", 1, integer=True)
+    history_mask.check_config(config)
     if config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
                          f"candidate_num items), got neg_num={config['neg_num']}, "
                          f"candidate_num={config['candidate_num']}")
     audit(config, user)
+    check_benchmark_config(config)
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):

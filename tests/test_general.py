@@ -310,3 +310,10 @@ def test_lightgcn_ddp_validates_and_tests_like_one_process_on_its_checkpoint(tin
     for head, data in (("best valid", valid), ("test result", test)):
         result = trainer.evaluate(data, model_file=checkpoint)
         assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
+
+
+def test_history_mask_is_refused_for_a_general_model(tiny_data, in_tmp):
+    """``eval_mask_history`` rebuilds sequences; a general model's full sort already masks the training items."""
+    with pytest.raises(ValueError, match="eval_mask_history: true is for sequential models; BPR is not one"):
+        create_config("BPR", "tiny", config_dict=general_config(tiny_data, in_tmp, "BPR", neg_sampler="dns",
+                                                                candidate_num=10, eval_mask_history=True))
