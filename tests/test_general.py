@@ -310,3 +310,19 @@ def test_lightgcn_ddp_validates_and_tests_like_one_process_on_its_checkpoint(tin
     for head, data in (("best valid", valid), ("test result", test)):
         result = trainer.evaluate(data, model_file=checkpoint)
         assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
+
+
+def test_wide_pool_scored_from_the_batchs_distinct_users(tiny_data, in_tmp):
+    """A pool wide enough for the full-catalogue path is scored from one product per distinct user of the
+    batch: the same scores as the gathered per-row product, on a batch whose users repeat."""
+    _, model, module, batch = general_setup("LightGCN", "dns", tiny_data, in_tmp, candidate_num=8)
+    scorer = module.scorers["self"]
+    users = batch[model.USER_ID]
+    assert len(users.unique()) < len(users)  # rows of one user repeat, as in any general batch
+    items = torch.randint(1, model.n_items, (len(users), model.n_items))
+    with torch.no_grad():
+        h = scorer.encode(model, batch)
+        got = scorer.score(model, batch, h, items)
+        expected = torch.bmm(scorer.item_vectors(model, items), h.unsqueeze(-1)).squeeze(-1)
+        scorer.end_step()
+    assert torch.allclose(got, expected, atol=1e-5)
