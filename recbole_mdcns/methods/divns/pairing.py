@@ -28,6 +28,16 @@ def hard_and_runner_ups(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, tor
     return top[:, 0], top[:, 1:]
 
 
+def pool_diverse(runners: torch.Tensor, hard: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``divns_ablation: no_cache``: each row's diverse item drawn uniformly from its own pool's runner-ups
+    ``runners`` ``[B, r]`` (ranks 2..r+1 of this step's scores -- what the cache would have stored), leaving
+    out any equal to the row's hard negative ``hard`` ``[B]`` (a pool may repeat an item). Returns ``[B]`` ids
+    and ``[B]`` bool has-one (False where every runner-up is the hard negative)."""
+    allowed = runners != hard.unsqueeze(1)
+    keys = torch.rand(runners.shape, generator=generator, device=runners.device).masked_fill(~allowed, -1.0)
+    return runners.gather(1, keys.argmax(1, keepdim=True)).squeeze(1), allowed.any(1)
+
 
 def synthesize_scores(hard_scores: torch.Tensor, diverse_scores: torch.Tensor, lam: float,
                       has_diverse: torch.Tensor) -> torch.Tensor:
