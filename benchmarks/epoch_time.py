@@ -9,6 +9,9 @@ Default: SASRec on ml-100k, four variants --
   ``train_neg_sample_args: {distribution: uniform, sample_num: 1, dynamic: True,
   candidate_num: 10}``, BPR) on RecBole's own ``Trainer``.
 
+``recbole-dns-100`` is the same at ``candidate_num: 100``; with ``--model LightGCN`` (any supported general model)
+the variants time RecBole's general models (target: ``dns-100`` >= 5x faster than ``recbole-dns-100``).
+
 ``--variants full-sequence`` compares ``train_positions: all`` (``uniform-all``, ``dns-100-all``,
 ``mdcns-all``, ``divns-all``) with prefix rows (``uniform``) and RecBole's own ``uniform`` pipeline
 (``recbole-uniform``); targets ``uniform-all / uniform <= 0.1``, ``mdcns-all / recbole-uniform <= 0.2``,

@@ -19,6 +19,7 @@ from conftest import tiny_config
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.general import GENERAL_MODELS, GeneralScorer, is_general
+from recbole_mdcns.methods.divns import synthesis_is_exact
 from recbole_mdcns.quick_start import build_model, build_trainer, load_data, run_recbole
 from recbole_mdcns.registry import get_sampler
 
@@ -326,3 +327,4 @@ def test_wide_pool_scored_from_the_batchs_distinct_users(tiny_data, in_tmp):
         expected = torch.bmm(scorer.item_vectors(model, items), h.unsqueeze(-1)).squeeze(-1)
         scorer.end_step()
     assert torch.allclose(got, expected, atol=1e-5)
+    assert synthesis_is_exact(scorer)  # still h · v: DENS's gating and DivNS's mixing on scores hold

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from recbole_mdcns.general import GeneralScorer
 from recbole_mdcns.scoring import BERT4RecScorer, DotScorer, Scorer
 
 DIVERSE_PICKS = ("uniform", "top", "score")
@@ -51,7 +52,8 @@ def synthesize_scores(hard_scores: torch.Tensor, diverse_scores: torch.Tensor, l
 def synthesis_is_exact(scorer: Scorer) -> bool:
     """Whether ``lam s(v_H) + (1 - lam) s(v_D)`` is the score of a mixed item for ``scorer``: its
     score is ``h · item_vectors(v)`` (optionally plus a per-item bias, BERT4Rec)."""
-    return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score)
+    return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score,
+                                                                    GeneralScorer.score)
 
 
 def describe_synthesis(scorer: Scorer, items: str) -> str:
