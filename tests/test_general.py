@@ -19,6 +19,7 @@ from conftest import tiny_config
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.general import GENERAL_MODELS, GeneralScorer, is_general
+from recbole_mdcns.methods.divns import synthesis_is_exact
 from recbole_mdcns.quick_start import build_model, build_trainer, load_data, run_recbole
 from recbole_mdcns.registry import get_sampler
 
@@ -317,3 +318,20 @@ def test_history_mask_is_refused_for_a_general_model(tiny_data, in_tmp):
     with pytest.raises(ValueError, match="eval_mask_history: true is for sequential models; BPR is not one"):
         create_config("BPR", "tiny", config_dict=general_config(tiny_data, in_tmp, "BPR", neg_sampler="dns",
                                                                 candidate_num=10, eval_mask_history=True))
+
+
+def test_wide_pool_scored_from_the_batchs_distinct_users(tiny_data, in_tmp):
+    """A pool wide enough for the full-catalogue path is scored from one product per distinct user of the
+    batch: the same scores as the gathered per-row product, on a batch whose users repeat."""
+    _, model, module, batch = general_setup("LightGCN", "dns", tiny_data, in_tmp, candidate_num=8)
+    scorer = module.scorers["self"]
+    users = batch[model.USER_ID]
+    assert len(users.unique()) < len(users)  # rows of one user repeat, as in any general batch
+    items = torch.randint(1, model.n_items, (len(users), model.n_items))
+    with torch.no_grad():
+        h = scorer.encode(model, batch)
+        got = scorer.score(model, batch, h, items)
+        expected = torch.bmm(scorer.item_vectors(model, items), h.unsqueeze(-1)).squeeze(-1)
+        scorer.end_step()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert synthesis_is_exact(scorer)  # still h · v: DENS's gating and DivNS's mixing on scores hold

@@ -17,7 +17,8 @@ Per training row of user ``u`` (see ``shared/design/divns.md``):
    (all rows of epoch 0) use ``v_H`` alone: plain DNS.
 
 At each epoch end every user's ``D_u`` is redrawn from ``C_u`` by a k-DPP, then ``C_u`` and
-``H_u`` are cleared.
+``H_u`` are cleared. ``divns_ablation`` (``no_cache`` | ``no_dpp`` | ``no_mix``) removes one component
+(:mod:`.module`).
 
 The package, by concern:
 
@@ -34,22 +35,25 @@ The package, by concern:
 to sequences.
 """
 from recbole_mdcns.methods.divns.cache import DiverseSets, RunnerUpCache, compact_unique
-from recbole_mdcns.methods.divns.module import CACHE_BOUNDS, DivNSModule
+from recbole_mdcns.methods.divns.module import ABLATIONS, CACHE_BOUNDS, DivNSModule
 from recbole_mdcns.methods.divns.pairing import (
     DIVERSE_PICKS, PAIRINGS, describe_synthesis, distinct_slots, hard_and_runner_ups, pick_slots,
-    synthesis_is_exact, synthesize_scores,
+    pool_diverse, synthesis_is_exact, synthesize_scores,
 )
 from recbole_mdcns.methods.divns.refresh import (
-    DPP_MODES, KERNELS, Q_DENOMINATOR_FLOOR, diversity_kernel, median_bandwidth, refresh_diverse_sets,
+    DPP_MODES, KERNELS, Q_DENOMINATOR_FLOOR, REFRESH_MODES, diversity_kernel, median_bandwidth, refresh_diverse_sets,
+    uniform_subsets,
 )
 
 __all__ = [
+    "ABLATIONS",
     "CACHE_BOUNDS",
     "DIVERSE_PICKS",
     "DPP_MODES",
     "KERNELS",
     "PAIRINGS",
     "Q_DENOMINATOR_FLOOR",
+    "REFRESH_MODES",
     "DiverseSets",
     "DivNSModule",
     "RunnerUpCache",
@@ -60,7 +64,9 @@ __all__ = [
     "hard_and_runner_ups",
     "median_bandwidth",
     "pick_slots",
+    "pool_diverse",
     "refresh_diverse_sets",
     "synthesis_is_exact",
     "synthesize_scores",
+    "uniform_subsets",
 ]

@@ -17,6 +17,18 @@ and the scorer, so they hold under ``train_positions: all`` too:
 * ``divns_gamma: median`` -- the RBF bandwidth of each user's kernel from the median squared
   pairwise distance of its cached items (:func:`~.refresh.median_bandwidth`).
 
+**Ablations** (``divns_ablation``, for sequential and general models alike; every other key kept, so an
+ablation cell differs from its DivNS cell in this key alone):
+
+* ``none`` -- DivNS;
+* ``no_cache`` -- no runner-up cache, hard set, ``D_u`` or refresh: each row's diverse item is drawn
+  uniformly from its own pool's ranks 2..r+1 of this step (:func:`~.pairing.pool_diverse`), from
+  epoch 0 on (the k-DPP, which samples from the cache, goes with it);
+* ``no_dpp`` -- ``D_u`` a uniform draw of ``k = min(|H_u|, |C_u|)`` items of the cache instead of the
+  k-DPP (:func:`~.refresh.uniform_subsets`; ``divns_dpp_mode`` and the kernel keys are not read);
+* ``no_mix`` -- the hard negative alone (DNS(1, N)): no caches, no refresh, no diverse item.
+  ``divns_lambda: 1`` gives the same loss but still fills the caches and runs the refresh.
+
 **Item representation** (kernel, ``q`` and the diversity statistics): the vectors the
 scorer scores (``scorer.item_vectors``, e.g. FPMC's ``[IU, IL]``), else the model's
 ``item_embedding``, else the concatenation of every ``nn.Embedding`` with ``n_items`` rows;
@@ -54,13 +66,14 @@ from recbole_mdcns.diagnostics import item_representation
 from recbole_mdcns.methods.dns import DNSModule
 from recbole_mdcns.methods.divns.cache import DiverseSets, RunnerUpCache
 from recbole_mdcns.methods.divns.pairing import (
-    DIVERSE_PICKS, PAIRINGS, describe_synthesis, hard_and_runner_ups, pick_slots, synthesize_scores,
+    DIVERSE_PICKS, PAIRINGS, describe_synthesis, hard_and_runner_ups, pick_slots, pool_diverse, synthesize_scores,
 )
 from recbole_mdcns.methods.divns.refresh import DPP_MODES, KERNELS, refresh_diverse_sets
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.scoring import Scorer
 
 CACHE_BOUNDS = ("fixed", "rows")
+ABLATIONS = ("none", "no_cache", "no_dpp", "no_mix")
 
 
 class DivNSModule(DNSModule):
@@ -79,6 +92,8 @@ class DivNSModule(DNSModule):
         self.pick = config["divns_diverse_pick"]
         self.pairing = config["divns_pairing"]
         self.cache_bound = config["divns_cache_bound"]
+        self.ablation = config["divns_ablation"]
+        self.refresh_mode = "uniform" if self.ablation == "no_dpp" else self.dpp_mode
         self.seed = config["seed"] or 0
         cache_size = config["divns_cache_size"]
         hard_size = config["divns_hard_size"] or max(1, cache_size // self.cache_ratio)
@@ -114,7 +129,7 @@ class DivNSModule(DNSModule):
         check_number(config, "divns_refresh_every", 1, integer=True)
         for key, choices in (("divns_kernel", KERNELS), ("divns_dpp_mode", DPP_MODES),
                              ("divns_diverse_pick", DIVERSE_PICKS), ("divns_pairing", PAIRINGS),
-                             ("divns_cache_bound", CACHE_BOUNDS)):
+                             ("divns_cache_bound", CACHE_BOUNDS), ("divns_ablation", ABLATIONS)):
             if config[key] not in choices:
                 raise ValueError(f"{key} must be one of {list(choices)}, got {config[key]!r}")
 
@@ -198,9 +213,15 @@ class DivNSModule(DNSModule):
             hard_pos, runner_pos = hard_and_runner_ups(scorer.score(model, batch, h, candidates), self.cache_ratio)
         hard = candidates.gather(1, hard_pos.unsqueeze(1)).squeeze(1)
         runners = candidates.gather(1, runner_pos)
-        self.hard.add(users, hard)
-        self.cache.add(users.unsqueeze(1).expand_as(runners), torch.where(runners == hard.unsqueeze(1), 0, runners))
-        diverse, has = self.pick_diverse(users, batch, h, scorer)
+        if self.ablation == "no_cache":
+            diverse, has = pool_diverse(runners, hard)
+        elif self.ablation == "no_mix":
+            diverse, has = hard, torch.zeros_like(users, dtype=torch.bool)
+        else:
+            self.hard.add(users, hard)
+            self.cache.add(users.unsqueeze(1).expand_as(runners),
+                           torch.where(runners == hard.unsqueeze(1), 0, runners))
+            diverse, has = self.pick_diverse(users, batch, h, scorer)
         self.rows += len(users)
         self.record_negatives(hard)
         positives = batch[model.POS_ITEM_ID].unsqueeze(1)
@@ -217,9 +238,16 @@ class DivNSModule(DNSModule):
 
     def on_train_epoch_end(self) -> None:
         """Refresh ``D_u`` every ``divns_refresh_every`` epochs (the caches keep filling in between, within
-        their bounds); the epochs in between only report their negatives."""
+        their bounds); the epochs in between, and every epoch of the ablations without a cache
+        (``no_cache``, ``no_mix``), only report their negatives."""
         epoch = self.current_epoch
-        if (epoch + 1) % self.refresh_every == 0:
+        if self.ablation in ("no_cache", "no_mix"):
+            record = self.negative_report(epoch)
+            record["synthetic_row_fraction"] = self.synthetic_rows / max(self.rows, 1)
+            self.synthetic_rows = self.rows = 0
+            self.log_epoch(record, f"divns ({self.ablation}) epoch {epoch}: synthetic rows "
+                                   f"{record['synthetic_row_fraction']:.1%}")
+        elif (epoch + 1) % self.refresh_every == 0:
             self.refresh(epoch)
         else:
             super().on_train_epoch_end()
@@ -241,7 +269,7 @@ class DivNSModule(DNSModule):
         refresh_gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(epoch))
         self.diverse = refresh_diverse_sets(
             emb, self.cache, self.cache.size, self.hard, self.hard.size, self.kernel, self.gamma,
-            self.alpha, self.dpp_mode, refresh_gen, self.chunk)
+            self.alpha, self.refresh_mode, refresh_gen, self.chunk)
         sizes = self.diverse.size
         record = stats
         record.update({

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from recbole_mdcns.general import GeneralScorer
 from recbole_mdcns.scoring import BERT4RecScorer, DotScorer, Scorer
 
 DIVERSE_PICKS = ("uniform", "top", "score")
@@ -27,6 +28,16 @@ def hard_and_runner_ups(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, tor
     top = scores.topk(r + 1, dim=1).indices
     return top[:, 0], top[:, 1:]
 
+
+def pool_diverse(runners: torch.Tensor, hard: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``divns_ablation: no_cache``: each row's diverse item drawn uniformly from its own pool's runner-ups
+    ``runners`` ``[B, r]`` (ranks 2..r+1 of this step's scores -- what the cache would have stored), leaving
+    out any equal to the row's hard negative ``hard`` ``[B]`` (a pool may repeat an item). Returns ``[B]`` ids
+    and ``[B]`` bool has-one (False where every runner-up is the hard negative)."""
+    allowed = runners != hard.unsqueeze(1)
+    keys = torch.rand(runners.shape, generator=generator, device=runners.device).masked_fill(~allowed, -1.0)
+    return runners.gather(1, keys.argmax(1, keepdim=True)).squeeze(1), allowed.any(1)
 
 
 def synthesize_scores(hard_scores: torch.Tensor, diverse_scores: torch.Tensor, lam: float,
@@ -41,7 +52,8 @@ def synthesize_scores(hard_scores: torch.Tensor, diverse_scores: torch.Tensor, l
 def synthesis_is_exact(scorer: Scorer) -> bool:
     """Whether ``lam s(v_H) + (1 - lam) s(v_D)`` is the score of a mixed item for ``scorer``: its
     score is ``h · item_vectors(v)`` (optionally plus a per-item bias, BERT4Rec)."""
-    return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score)
+    return isinstance(scorer, DotScorer) and type(scorer).score in (DotScorer.score, BERT4RecScorer.score,
+                                                                    GeneralScorer.score)
 
 
 def describe_synthesis(scorer: Scorer, items: str) -> str:

@@ -19,6 +19,8 @@ from recbole_mdcns.methods.divns.cache import DiverseSets, RunnerUpCache
 
 KERNELS = ("rbf", "cosine")
 DPP_MODES = ("exact", "greedy")
+# what refresh_diverse_sets draws D_u with: the k-DPP's two modes, or (divns_ablation: no_dpp) a uniform k-subset
+REFRESH_MODES = (*DPP_MODES, "uniform")
 # q_a = 1 / (1 + alpha * mean cos): the denominator is floored here so that an item
 # (anti-)aligned with every hard negative cannot make q infinite (or flip its sign).
 Q_DENOMINATOR_FLOOR = 1e-3
@@ -82,6 +84,15 @@ def diversity_kernel(emb: torch.Tensor, hard_emb: torch.Tensor, kernel: str = "r
     return L[0] if unbatched else L
 
 
+def uniform_subsets(k: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[b, max(k)]`` slots of a uniform draw of ``k_i`` distinct valid items per row (``mask`` ``[b, m]``,
+    ``k_i <=`` the row's valid items), ``-1`` after the first ``k_i``: every ``k_i``-subset equally likely
+    (the ``divns_ablation: no_dpp`` replacement of the k-DPP)."""
+    keys = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, -1.0)
+    slots = keys.argsort(1, descending=True)[:, :int(k.max())]
+    return torch.where(torch.arange(slots.shape[1], device=mask.device) < k.unsqueeze(1), slots, -1)
+
+
 # elements of one chunk's [users, m, m] kernel: fewer users per chunk for large caches
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -97,12 +108,13 @@ def refresh_diverse_sets(item_emb: torch.Tensor, cache_items: torch.Tensor | Run
     holding distinct ids in their first ``cache_size`` / ``hard_size`` slots. For each user with
     both sets non-empty, ``L`` = :func:`diversity_kernel` over ``item_emb[C_u]`` and
     ``k = min(|H_u|, |C_u|, rank L)`` items are drawn by ``sample_k_dpp`` (``mode="exact"``) or
-    ``greedy_map_dpp`` (``mode="greedy"``). Users are sorted by cache size and sent ``chunk`` at a
+    ``greedy_map_dpp`` (``mode="greedy"``); ``mode="uniform"`` (the k-DPP ablation) draws
+    ``k = min(|H_u|, |C_u|)`` items of ``C_u`` uniformly instead (:func:`uniform_subsets`, no kernel). Users are sorted by cache size and sent ``chunk`` at a
     time (fewer when a chunk's ``[users, m, m]`` kernel would exceed 2^24 elements), each chunk
     trimmed to its largest set (ragged sets via ``mask``).
     """
-    if mode not in DPP_MODES:
-        raise ValueError(f"divns_dpp_mode must be one of {list(DPP_MODES)}, got {mode!r}")
+    if mode not in REFRESH_MODES:
+        raise ValueError(f"refresh mode must be one of {list(REFRESH_MODES)}, got {mode!r}")
     n_users = len(cache_size)
     device = cache_size.device
     picked_users, picked_ids, sizes = [], [], torch.zeros(n_users, dtype=torch.long, device=device)
@@ -119,13 +131,16 @@ def refresh_diverse_sets(item_emb: torch.Tensor, cache_items: torch.Tensor | Run
         items, hards = _rows(cache_items, users, m), _rows(hard_items, users, hm)
         mask = torch.arange(m, device=items.device) < c_size.unsqueeze(1)
         hard_mask = torch.arange(hm, device=items.device) < h_size.unsqueeze(1)
-        L = diversity_kernel(emb[items], emb[hards], kernel, gamma, alpha, mask, hard_mask)
         k = torch.minimum(c_size, h_size)
-        if mode == "exact":
-            picked = sample_k_dpp(L, k, generator=generator, mask=mask, clamp_k=True)
+        if mode == "uniform":
+            picked = uniform_subsets(k, mask, generator)
         else:
-            picked = greedy_map_dpp(L, torch.minimum(k, kdpp_rank(L, mask)), mask=mask)
-        # greedy rows may stop early; -1s come last in both modes, so ids form a prefix
+            L = diversity_kernel(emb[items], emb[hards], kernel, gamma, alpha, mask, hard_mask)
+            if mode == "exact":
+                picked = sample_k_dpp(L, k, generator=generator, mask=mask, clamp_k=True)
+            else:
+                picked = greedy_map_dpp(L, torch.minimum(k, kdpp_rank(L, mask)), mask=mask)
+        # greedy rows may stop early; -1s come last in every mode, so ids form a prefix
         valid = picked >= 0
         picked_users.append(users.unsqueeze(1).expand_as(picked)[valid])
         picked_ids.append(items.gather(1, picked.clamp_min(0))[valid])
