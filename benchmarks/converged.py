@@ -1,4 +1,4 @@
-"""The converged evidence of issue 13: choose each method's setting on validation, then compare 3 seeds.
+"""The converged evidence: choose each method's setting on validation, then compare 3 seeds.
 
     python -m benchmarks.converged --grid benchmarks/grids/converged_lastfm.yaml \
         --grid benchmarks/grids/converged_ml100k.yaml --out benchmarks/CONVERGED.md
@@ -75,6 +75,7 @@ class Evidence:
 
     grid: str
     dataset: str
+    model: str
     metric: str
     tuning_seed: int
     seeds: list[int]
@@ -87,6 +88,8 @@ class Evidence:
     cap: int = 0
     patience: int = 0
 
+    title: str = ""  # the dataset, and the model where its grid has several
+
     def valid(self, label: str, seed: int | None = None) -> float | None:
         record = self.records.get((label, self.tuning_seed if seed is None else seed))
         return ((record or {}).get("valid") or {}).get(self.metric)
@@ -97,7 +100,8 @@ def _label_seed_records(cells, records_by_key) -> dict[tuple[str, int], dict]:
 
 
 def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
-    """The evidence of every dataset of one grid file, families chosen on validation."""
+    """The evidence of every dataset (and model, where the grid has several) of one grid file, families
+    chosen on validation."""
     raw = yaml.safe_load(Path(grid_path).read_text()) or {}
     spec = {**DEFAULTS, **(raw.get("selection") or {})}
     if not spec.get("families"):
@@ -105,10 +109,12 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
     cells = load_grid(grid_path, seeds=sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])}))
     labels = {c.sampler for c in cells}
     out = []
-    for dataset in OrderedDict.fromkeys(c.dataset_label for c in cells):
-        mine = [c for c in cells if c.dataset_label == dataset]
+    models = list(OrderedDict.fromkeys(c.model_label for c in cells))
+    for dataset, model in OrderedDict.fromkeys((c.dataset_label, c.model_label) for c in cells):
+        mine = [c for c in cells if c.dataset_label == dataset and c.model_label == model]
         configs = {c.sampler: c.config for c in mine if c.seed == int(spec["tuning_seed"])}
-        evidence = Evidence(grid=raw.get("name", Path(grid_path).stem), dataset=dataset, metric=spec["metric"],
+        evidence = Evidence(grid=raw.get("name", Path(grid_path).stem), dataset=dataset, model=model,
+                            title=dataset if len(models) == 1 else f"{dataset}, {model}", metric=spec["metric"],
                             tuning_seed=int(spec["tuning_seed"]), seeds=[int(s) for s in spec["seeds"]],
                             configs=configs, records=_label_seed_records(mine, records_by_key),
                             cells={(c.sampler, c.seed): c for c in mine},
@@ -258,7 +264,7 @@ def best_baseline(evidence: Evidence) -> Family | None:
 
 def render_dataset(e: Evidence) -> list[str]:
     m = e.metric
-    lines = [f"## {e.dataset} (grid `{e.grid}`)", "",
+    lines = [f"## {e.title} (grid `{e.grid}`)", "",
              f"### Tuning (seed {e.tuning_seed}): every cell", "",
              f"Chosen on validation {m.upper()}; `*` marks a family's choice. Peer / ensemble: MDCNS's peer and "
              f"self+peer ensemble validation {m.upper()} at the self model's best epoch. A run ends {e.patience} "
@@ -360,14 +366,14 @@ def drive(grids: list[str], results: list[str] | None, first: list[str] | None =
                     raise SystemExit(f"--first {unknown}: not a family of {grid}; families: {list(e.families)}")
                 e.priority = list(first or []) + [name for name in e.priority if name not in (first or [])]
                 pending += [(grid, e, label, seed) for label, seed in next_cells(e)
-                            if (e.dataset, label, seed) not in tried]
+                            if (e.title, label, seed) not in tried]
         if not pending:
             print("[converged] nothing left to run")
             return
         grid, e, label, seed = pending[0]
-        tried.add((e.dataset, label, seed))
-        print(f"[converged] {e.dataset}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
-        run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | * | {e.dataset} | *"]
+        tried.add((e.title, label, seed))
+        print(f"[converged] {e.title}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
+        run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | {e.model} | {e.dataset} | *"]
                  + (["--allow-dirty"] if allow_dirty else []))
 
 
@@ -392,7 +398,7 @@ def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[
                 for seed, old in sorted(family.records.items()):
                     if (old.get("user_ranks") or {}).get("test") is not None:
                         continue
-                    print(f"[converged] {e.dataset}: {name} ({family.chosen}), seed {seed}: re-run for "
+                    print(f"[converged] {e.title}: {name} ({family.chosen}), seed {seed}: re-run for "
                           "per-user ranks", flush=True)
                     (new,) = run.run_grid([e.cells[(family.chosen, seed)]], command, again=True)
                     same = new.get("status") == "ok" and new.get("test") == old.get("test")
@@ -450,8 +456,8 @@ def plot(e: Evidence, out_dir: Path) -> Path | None:
         _bar_panel(axes[1], chosen, "chosen setting per method", metric=e.metric, split="test")
     else:
         axes[1].axis("off")
-    path = out_dir / f"converged_{_slug(e.dataset)}.png"
-    return _save(fig, f"{e.dataset}: SASRec, converged runs (grey: baselines, red: proposed; dashed: best baseline)",
+    path = out_dir / f"converged_{_slug(e.title)}.png"
+    return _save(fig, f"{e.title}: {e.model}, converged runs (grey: baselines, red: proposed; dashed: best baseline)",
                  path)
 
 
@@ -480,7 +486,7 @@ def main(argv=None) -> Path:
     evidence = [e for grid in args.grid for e in build(grid, by_key)]
     out, plot_dir = Path(args.out).resolve(), Path(args.plots).resolve()
     plot_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Converged evidence (issue 13)", "",
+    lines = ["# Converged evidence", "",
              f"Generated by `{command_line(argv, 'benchmarks.converged')}` from "
              + ", ".join(f"`{Path(p).resolve().relative_to(REPO_ROOT)}`" for p in paths) + ". "
              "The protocol is in each grid file's header; `benchmarks/REPRODUCTION.md` sets these figures beside "
@@ -489,7 +495,7 @@ def main(argv=None) -> Path:
         lines += render_dataset(e)
         path = plot(e, plot_dir)
         if path is not None:
-            lines += [f"![{e.dataset}]({Path(path).relative_to(out.parent)})", ""]
+            lines += [f"![{e.title}]({Path(path).relative_to(out.parent)})", ""]
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return out

@@ -11,7 +11,7 @@ override the preset.
 * ``cpu`` -- sized for the project's 2-core CPU (an afternoon for the LastFM grids,
   3 seeds). Chosen: ``MAX_ITEM_LIST_LENGTH: 20`` -- 2.5x fewer positions per
   sequence than RecBole's 50, and the encoder dominates an epoch (a SASRec epoch
-  on ml-100k at length 50 took 127-152 s on this shared CPU, see README.md); 20 still
+  on ml-100k at length 50 took 127-152 s on this shared CPU, see benchmarks/studies/epoch_time.md); 20 still
   holds a LastFM user's recent history and all of most Beauty users' (5-core);
   ``epochs: 30`` with ``stopping_step: 5`` (RecBole: 300 / 10) -- a cap, so a cell's
   cost is bounded, with patience enough to see the validation curve turn;

@@ -1,7 +1,7 @@
 """What ``run_recbole`` does not return, read off RecBole's own trainer hooks while a cell runs.
 
 ``recbole_mdcns.run_recbole`` returns RecBole's result dict only. Until it also
-returns training information (see ``benchmarks/README.md``, "result keys"), the
+returns training information (see ``benchmarks/HARNESS.md``, "result keys"), the
 harness wraps, for the duration of one cell and at class level:
 
 * ``recbole.trainer.Trainer.__init__`` -- the final config (every default resolved) and the trainer;

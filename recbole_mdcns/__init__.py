@@ -1,4 +1,5 @@
-"""recbole-mdcns: MDCNS, DivNS and DNS negative sampling for RecBole's sequential models."""
+"""recbole-mdcns: MDCNS, DivNS and DNS negative sampling for RecBole's sequential models and
+its dot-product general models (BPR, LightGCN, NGCF, SGL, NCL, DGCF, SpectralCF)."""
 from recbole_mdcns import compat
 
 compat.apply()

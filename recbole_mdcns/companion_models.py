@@ -6,7 +6,8 @@ import torch
 from recbole.config import Config
 
 from recbole_mdcns.compat import load_recbole_checkpoint
-from recbole_mdcns.models import sequential_model_class
+from recbole_mdcns.general import GENERAL_MODELS
+from recbole_mdcns.models import get_model, sequential_model_class
 
 
 def companion_config(config: Config, model_name: str, overrides: dict | None = None) -> Config:
@@ -26,13 +27,15 @@ def companion_config(config: Config, model_name: str, overrides: dict | None = N
 
 def build_companion(config: Config, dataset, model_name: str, overrides: dict | None,
                     seed: int) -> tuple[torch.nn.Module, Config]:
-    """A companion model on the train ``dataset``, initialised from its own ``seed`` (the global RNG is
+    """A companion model (a sequential model, or one of the general models beside a general model) on the
+    train ``dataset``, initialised from its own ``seed`` (the global RNG is
     left untouched), so it is neither a copy of a same-architecture self model nor dependent on the
     RNG state -- the same on every DDP rank."""
     companion_cfg = companion_config(config, model_name, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = sequential_model_class(companion_cfg["model"])(companion_cfg, dataset)
+        name = companion_cfg["model"]
+        model = (get_model(name) if name in GENERAL_MODELS else sequential_model_class(name))(companion_cfg, dataset)
     return model, companion_cfg
 
 

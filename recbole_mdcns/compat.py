@@ -27,6 +27,11 @@ the shims the pins cannot:
   RecBole's exhaustive search hands it a ``RandomState`` (RecBole issue #1868).
   ``recbole.trainer.hyper_tuning`` sees a ``numpy`` whose ``random.RandomState``
   gives the generator the installed hyperopt expects.
+* RecBole's graph models (LightGCN, NGCF, NCL, SpectralCF, GCMC) fill their adjacency matrix with
+  ``scipy.sparse.dok_matrix._update(dict)``, the ``dict.update`` of a ``dok_matrix`` that was a ``dict``
+  subclass; scipy >= 1.13 keeps the entries in ``_dict`` instead and has no ``_update``
+  (``AttributeError`` when the model is built). :func:`_restore_dok_update` gives it back, as the same
+  unchecked update of the entries.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from typing import Any, Iterator
 
 import numpy
 import pandas
+import scipy.sparse
 import torch
 from recbole.config import Config
 
@@ -143,9 +149,12 @@ class _PickleSafeLoad(types.ModuleType):
 def load_data_and_model(model_file: str) -> tuple:
     """``recbole.quick_start.load_data_and_model``, reading ``model_file`` through
     :func:`load_recbole_checkpoint` (RecBole's imports ``torch`` inside the function, out of
-    reach of a module stand-in): ``(config, model, dataset, train_data, valid_data, test_data)``."""
+    reach of a module stand-in): ``(config, model, dataset, train_data, valid_data, test_data)``; the
+    validation and test loaders mask each row's prefix when the run had ``eval_mask_history: true``."""
     from recbole.data import create_dataset, data_preparation  # RecBole is imported after the pin checks
     from recbole.utils import get_model, init_logger, init_seed
+
+    from recbole_mdcns.history_mask import mask_history
 
     checkpoint = load_recbole_checkpoint(model_file)
     config = checkpoint["config"]
@@ -157,6 +166,7 @@ def load_data_and_model(model_file: str) -> tuple:
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    valid_data, test_data = mask_history(config, train_data, valid_data, test_data)
 
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
@@ -225,9 +235,21 @@ def _keep_anomaly_mode_off() -> None:
         torch.autograd.set_detect_anomaly(enabled, check_nan)
 
 
+def _dok_update(self: scipy.sparse.dok_matrix, entries: dict) -> None:
+    """``dok_matrix._update`` as scipy < 1.13 had it: set the ``(row, col) -> value`` entries, unchecked."""
+    self._dict.update(entries)
+
+
+def _restore_dok_update() -> None:
+    """Give scipy >= 1.13's ``dok_matrix`` the ``_update`` RecBole's graph models call (module docstring)."""
+    if not hasattr(scipy.sparse.dok_matrix, "_update"):
+        scipy.sparse.dok_matrix._update = _dok_update
+
+
 def apply() -> None:
     """Check the pins and install the shims; idempotent."""
     _check_pins()
+    _restore_dok_update()
     _keep_anomaly_mode_off()
     if "ray" not in sys.modules:
         _guard_ray()

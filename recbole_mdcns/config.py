@@ -5,13 +5,19 @@ import math
 import numbers
 import os
 from importlib import resources
+from logging import getLogger
 from pathlib import Path
 
 import torch
+import yaml
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.config import Config
 from recbole.utils import ModelType
 
+from recbole_mdcns import history_mask
+from recbole_mdcns.benchmark_files import check_benchmark_config
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
+from recbole_mdcns.general import GENERAL_MODELS, unsupported_model_message
 from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
 from recbole_mdcns.registry import available_samplers, get_sampler
 
@@ -49,7 +55,7 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
     """RecBole's ``Config`` with the chosen sampler's defaults merged under the user's values.
 
     Without ``neg_sampler`` (or with ``neg_sampler: recbole``) this is RecBole's
-    own ``Config``, untouched.
+    own ``Config``, untouched but for ``load_col`` (:func:`check_time_column`).
     """
     files = list(config_file_list or [])
     user = user_settings(files, config_dict)
@@ -61,6 +67,10 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
             raise ValueError(f"train_positions: {config['train_positions']} needs one of this package's samplers "
                              f"(neg_sampler one of {available_samplers()[1:]}); neg_sampler=recbole runs RecBole's "
                              "own trainer, which trains prefix rows")
+        check_time_column(config, user)
+        if config[history_mask.KEY] is not None:  # this package's loaders mask RecBole's own trainer's evaluation too
+            history_mask.check_config(config)
+            check_benchmark_config(config)
         return config
     sampler = get_sampler(name)  # ValueError naming neg_sampler and the registered samplers
     check_distributed_keys(user)  # before RecBole's Config, which would open its own process group
@@ -110,8 +120,10 @@ def validate(config: Config, user: dict) -> None:
     """Check every sampler key, and every RecBole key the user set (``user``: their own settings,
     :func:`recbole_mdcns.recbole_keys.user_settings`, without the packaged defaults the config also
     holds); raises ``ValueError`` naming the key and its valid values."""
-    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
-        raise ValueError(f"neg_sampler works with RecBole's sequential models; {config['model']} is not one")
+    if config["MODEL_TYPE"] == ModelType.GENERAL:
+        _check_general(config)
+    elif config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise ValueError(unsupported_model_message(config["model"]))
     if config["model"] in NO_BPR_MODELS:
         raise ValueError(
             f"model {config['model']} has no sampled-negative (BPR) mode in RecBole; "
@@ -135,11 +147,13 @@ def validate(config: Config, user: dict) -> None:
     if config["torch_threads"] is not None:
         check_number(config, "torch_threads", 1, integer=True)
     check_number(config, "neg_num", 1, integer=True)
+    history_mask.check_config(config)
     if config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
                          f"candidate_num items), got neg_num={config['neg_num']}, "
                          f"candidate_num={config['candidate_num']}")
     audit(config, user)
+    check_benchmark_config(config)
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     for inter in (os.path.join(config["data_path"], f"{config['dataset']}{part}.inter") for part in parts):
         if not os.path.isfile(inter):
@@ -147,7 +161,70 @@ def validate(config: Config, user: dict) -> None:
                 f"dataset {config['dataset']!r} not found: no atomic file {inter}; set data_path to the folder that "
                 "holds <dataset>/<dataset>.inter (or the benchmark_filename parts; ml-100k ships with RecBole)"
             )
+    check_time_column(config, user)
     get_sampler(config["neg_sampler"]).cls.validate_config(config)
+
+
+def _check_general(config: Config) -> None:
+    """A general model: one of :data:`~recbole_mdcns.general.GENERAL_MODELS`, a sampler that trains them,
+    prefix rows, and faiss for NCL (its ``e_step`` clusters with it)."""
+    name, sampler = config["model"], config["neg_sampler"]
+    if name not in GENERAL_MODELS:
+        raise ValueError(unsupported_model_message(name))
+    if not get_sampler(sampler).cls.general_models:
+        general = [s for s in available_samplers()[1:] if get_sampler(s).cls.general_models]
+        raise ValueError(f"neg_sampler={sampler} works with RecBole's sequential models only "
+                         f"({get_sampler(sampler).cls.general_models_why}); for the general model {name} use one "
+                         f"of {general}")
+    if config["train_positions"] != "last":
+        raise ValueError(f"train_positions must be 'last' for the general model {name} (its rows are (user, item) "
+                         f"interactions, there is no sequence), got {config['train_positions']!r}")
+    if name == "NCL":
+        try:
+            import faiss  # noqa: F401  (RecBole's NCL.e_step clusters with faiss.Kmeans)
+        except ImportError as error:
+            raise ValueError("model NCL needs faiss for its e_step (RecBole clusters users and items with "
+                             "faiss.Kmeans): pip install faiss-cpu (or recbole-mdcns[ncl])") from error
+
+
+def _inter_fields(config: Config) -> list[str]:
+    """Field names in the header (first line) of ``<dataset>.inter``, read as RecBole reads it (``field_separator``,
+    ``encoding``); empty when there is no such file (RecBole reports that itself)."""
+    path = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding=config["encoding"]) as f:
+        header = f.readline().rstrip("\r\n")
+    return [column.split(":")[0] for column in header.split(config["field_separator"])]
+
+
+def check_time_column(config: Config, user: dict) -> None:
+    """A sequential model's dataset orders each user's interactions by ``TIME_FIELD``, so ``load_col`` must load
+    it when the ``.inter`` file has it. RecBole's default ``load_col`` (``inter: [user_id, item_id]`` for a
+    dataset without its own YAML) does not: when the user did not set ``load_col`` (``user``: their own settings,
+    :func:`recbole_mdcns.recbole_keys.user_settings`), the field is added and a warning logged; a ``load_col``
+    the user set without it is a ``ValueError`` naming the fix, before any data is loaded. Other models, an
+    ``.inter`` without the field, a ``load_col`` that loads every column, and ``benchmark_filename`` parts (already
+    split, so never ordered by time) are left to RecBole."""
+    time_field, load_col = config["TIME_FIELD"], config["load_col"]
+    if (config["MODEL_TYPE"] != ModelType.SEQUENTIAL or not time_field or not isinstance(load_col, dict)
+            or config["benchmark_filename"]):
+        return
+    columns = load_col.get("inter") or []
+    if columns == "*" or time_field in columns or time_field not in _inter_fields(config):
+        return
+    fixed = {**load_col, "inter": [*(columns or [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]]), time_field]}
+    if "load_col" in user:
+        fix = yaml.safe_dump({"load_col": fixed}, default_flow_style=True, sort_keys=False, width=math.inf)
+        raise ValueError(
+            f"load_col must load {time_field} (TIME_FIELD) from {config['dataset']}.inter: {config['model']} is a "
+            f"sequential model, whose dataset orders each user's interactions by it; got load_col: {load_col}. "
+            f"Add it to the inter columns: {fix.strip()[1:-1]}")
+    config["load_col"] = fixed
+    if rank_zero_only.rank == 0:
+        getLogger().warning(f"load_col: added {time_field} (TIME_FIELD) to RecBole's default inter columns, as "
+                            f"{config['model']} is a sequential model, whose dataset orders each user's "
+                            f"interactions by it: load_col = {fixed}")
 
 
 def _check_positions(config: Config) -> None:
@@ -170,6 +247,10 @@ def check_catalogue(config: Config, dataset) -> None:
             f"candidate_num must be in [1, {n_items}] (the number of items in {config['dataset']}), "
             f"got {config['candidate_num']}"
         )
+    clustered = min(dataset.user_num, dataset.item_num)
+    if config["model"] == "NCL" and not 1 <= config["num_clusters"] <= clustered:
+        raise ValueError(f"num_clusters must be in [1, {clustered}] for NCL on {config['dataset']} (its e_step clusters "
+                         f"the users and the items into num_clusters prototypes each), got {config['num_clusters']}")
 
 
 def _resolve_device(config: Config) -> None:

@@ -3,6 +3,8 @@
 Each training row (sequence, target) gets ``candidate_num`` items drawn from the
 items its user never interacted with in training (MDCNS Eq. 2), as a ``[B, N]``
 tensor under the field :data:`CANDIDATES`. Rows are not repeated per candidate.
+A general model's rows are RecBole's (user, item) training interactions; their
+pools exclude the user's training items the same way.
 Draws are independent (with replacement), like RecBole's own samplers.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from recbole_mdcns.used_pairs import PackedBitmap, PairHashSet, in_sorted
 CANDIDATES = "candidate_items"
 _REJECTION_ROUNDS = 20
 # The packed bitmap of used (user, item) pairs costs user_num * item_num / 8 bytes whatever the data
-# (10.5 GiB on the 300k x 300k synthetic catalogue of benchmarks/bench_large_catalogue.py, where our
+# (10.5 GiB on the 300k x 300k synthetic catalogue of benchmarks/studies/large_catalogue.py, where our
 # peak memory is then 1.07x RecBole's own pipeline's with a PairHashSet of 64 MiB instead). It is kept
 # while at most this large (a cost bounded next to RecBole's own dataset), as it is the faster test:
 # on ml-100k, forced onto the hash set, the same benchmark's pool draw (2048 rows, N = 100) took 1.87x
@@ -55,10 +57,12 @@ class CandidatePoolSampler(Sampler):
 
     def get_used_ids(self) -> torch.Tensor:
         inter = self.datasets[0].inter_feat
-        users, seqs = inter[self.uid_field].long(), inter[self.item_seq_field]
+        users = inter[self.uid_field].long()
         keys = torch.unique(users * self.item_num + inter[self.iid_field].long())
         # sequence items that are no row's target (the first item of each history, or a given
-        # sequence's items), a chunk of rows at a time so the transient stays small
+        # sequence's items), a chunk of rows at a time so the transient stays small; a general
+        # model's rows have no sequence: their (user, item) pairs are all of the user's history
+        seqs = inter[self.item_seq_field] if self.item_seq_field in inter.interaction else users[:0].view(0, 1)
         extra = []
         rows = max(1, _KEY_CHUNK // max(1, seqs.shape[1]))
         for start in range(0, len(seqs), rows):
@@ -147,8 +151,12 @@ class CandidateTrainDataLoader(TrainDataLoader):
     def probe_batch(self, rows: int = 32) -> Interaction:
         """A real training batch (RecBole's rows, transform and candidate pools) for the checks made before
         training (scorers, full sequence): the ``rows`` shortest and longest sequences and ``2 * rows`` rows
-        spread evenly over the lengths in between."""
-        lengths = self._dataset.inter_feat[self._dataset.config["ITEM_LIST_LENGTH_FIELD"]]
+        spread evenly over the lengths in between (a general model's rows: ``4 * rows`` spread evenly)."""
+        inter = self._dataset.inter_feat
+        length_field = self._dataset.config["ITEM_LIST_LENGTH_FIELD"]
+        if length_field not in inter.interaction:
+            return self.collate_fn(torch.linspace(0, len(inter) - 1, 4 * rows).long().unique().numpy())
+        lengths = inter[length_field]
         order = lengths.argsort(stable=True)
         spread = torch.linspace(0, len(order) - 1, 2 * rows).long()
         index = torch.cat([order[:rows], order[spread], order[-rows:]]).unique()

@@ -11,6 +11,18 @@ from logging import getLogger
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.diagnostics import item_representation, negative_stats
 from recbole_mdcns.full_sequence import LOSS_SCALE
+from recbole_mdcns.general import (
+    GeneralScorer,
+    adopt,
+    build_general_scorer,
+    clear_restore_caches,
+    general_state,
+    is_general,
+    load_general_state,
+    model_terms,
+    rank_loss_scale,
+    repeated_rows,
+)
 from recbole_mdcns.losses import LOSSES
 from recbole_mdcns.scoring import Scorer, build_scorer
 
@@ -32,11 +44,13 @@ class NegativeSamplingModule(pl.LightningModule):
     """
 
     config_file: str | None = None  # YAML defaults of a sampler registered without ``config_file=``
+    general_models: bool = True  # also trains RecBole's general models (recbole_mdcns.general.GENERAL_MODELS)
+    general_models_why: str = ""  # why not, when ``general_models`` is False (the config error says it)
     harmless_warnings: tuple = ()  # (message, category, module) warnings this module's fit raises by design
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
         super().__init__()
-        self.model = model
+        self.model = adopt(model)
         self.optimizer = optimizer
         self.config = config
         self.loss_fn = LOSSES[config["neg_loss"]]
@@ -45,6 +59,7 @@ class NegativeSamplingModule(pl.LightningModule):
         self.negative_counts = torch.zeros(model.n_items, dtype=torch.long)  # this epoch, this rank
         self.ever_used = torch.zeros(model.n_items, dtype=torch.bool)
         self.negative_history: list[dict] = []
+        self.step_negatives: torch.Tensor | None = None  # this step's first recorded negatives (general models)
 
     def scored_models(self) -> dict[str, torch.nn.Module]:
         """Every model this module encodes batches with, by scorer name (``self``; MDCNS adds its peer
@@ -60,8 +75,10 @@ class NegativeSamplingModule(pl.LightningModule):
         """The scorer of ``model``: chosen and verified against ``predict`` before training
         (:meth:`prepare_scorers`), or on the first batch it sees."""
         if name not in self.scorers:
+            adopt(model)
             items = torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES][:, :_VERIFY_COLUMNS]], 1)
-            self.scorers[name] = build_scorer(model, batch, items)
+            build = build_general_scorer if is_general(model) else build_scorer
+            self.scorers[name] = build(model, batch, items)
         return self.scorers[name]
 
     @staticmethod
@@ -88,16 +105,54 @@ class NegativeSamplingModule(pl.LightningModule):
     def training_loss(self, batch: Interaction) -> torch.Tensor:
         raise NotImplementedError
 
+    def step_loss(self, batch: Interaction) -> torch.Tensor:
+        """The batch's loss: :meth:`training_loss`; for a general model with its own loss terms around it
+        (:meth:`with_model_terms`), its full-sort caches dropped before and after, as its
+        ``calculate_loss`` drops them."""
+        if not is_general(self.model):
+            return self.training_loss(batch)
+        self.step_negatives = None
+        for model in self.scored_models().values():
+            clear_restore_caches(model)
+        return self.with_model_terms(batch, self.training_loss(batch))
+
     def training_step(self, batch: Interaction, batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch)
+        loss = self.step_loss(batch)
         self.epoch_loss += loss.item()
         self.log("loss", loss, prog_bar=True, batch_size=len(batch[CANDIDATES]))
         if LOSS_SCALE in batch.interaction:  # DDP, all positions: the global batch's mean over its targets
             loss = loss * batch[LOSS_SCALE][0]
         return loss
 
+    def with_model_terms(self, batch: Interaction, loss: torch.Tensor) -> torch.Tensor:
+        """A general model's step: the sampler's ``loss`` weighed as the model's own BPR term, plus the other
+        terms of its ``calculate_loss`` (regulariser, SGL's SSL, NCL's contrastive losses; see
+        :mod:`recbole_mdcns.general`) for every trained model this step propagated, over the step's first
+        recorded negatives (:meth:`record_negatives`); then the step's propagations and the models'
+        full-sort caches are dropped."""
+        users, pos = batch[self.model.USER_ID], batch[self.model.POS_ITEM_ID]
+        neg_num = 1 if self.step_negatives is None else self.step_negatives.reshape(len(users), -1).shape[1]
+        loss = loss * rank_loss_scale(self.model, len(users), neg_num, self.config["neg_loss"])
+        epoch = self.current_epoch if self._trainer is not None else 0
+        for name, model in self.scored_models().items():
+            scorer = self.scorers.get(name)
+            if not isinstance(scorer, GeneralScorer) or scorer.step is None:
+                continue
+            if self.step_negatives is not None and any(p.requires_grad for p in model.parameters()):
+                terms = model_terms(model, scorer.step, *repeated_rows(users, pos, self.step_negatives), epoch,
+                                    self.config["warm_up_step"])
+                if terms is not None:
+                    loss = loss + terms.reshape(())
+            scorer.end_step()
+            clear_restore_caches(model)
+        return loss
+
     def record_negatives(self, ids: torch.Tensor) -> None:
-        """Count the negative item ids rows trained on this epoch (ids <= 0 are ignored)."""
+        """Count the negative item ids rows trained on this epoch (ids <= 0 are ignored). The first ids
+        recorded in a step (``[B]`` or ``[B, K]``) are the negatives a general model's own loss terms
+        (its regulariser) run over."""
+        if self.step_negatives is None:
+            self.step_negatives = ids.detach()
         ids = ids.detach().reshape(-1)
         if self.negative_counts.device != ids.device:
             self.negative_counts, self.ever_used = self.negative_counts.to(ids.device), self.ever_used.to(ids.device)
@@ -136,12 +191,18 @@ class NegativeSamplingModule(pl.LightningModule):
         checkpoint["negatives"] = {"counts": self.negative_counts.clone().cpu(),
                                    "ever_used": self.ever_used.clone().cpu(),
                                    "history": [dict(record) for record in self.negative_history]}
+        state = {name: general_state(model) for name, model in self.scored_models().items() if is_general(model)}
+        if any(state.values()):
+            checkpoint["general_models"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "negatives" in checkpoint:
             state = checkpoint["negatives"]
             self.negative_counts, self.ever_used = state["counts"].clone(), state["ever_used"].clone()
             self.negative_history = [dict(record) for record in state["history"]]
+        models = self.scored_models()
+        for name, state in checkpoint.get("general_models", {}).items():
+            load_general_state(models[name], state)
 
     def pop_epoch_loss(self) -> float:
         """Sum of this epoch's batch losses (RecBole's ``train loss``), then reset."""

@@ -16,8 +16,10 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
+from recbole_mdcns.benchmark_files import check_benchmark_ids, warn_unseen_users
 from recbole_mdcns.config import check_catalogue, create_config, preset_yaml
 from recbole_mdcns.data import candidate_train_loader
+from recbole_mdcns.history_mask import mask_history
 from recbole_mdcns.recbole_keys import user_settings
 from recbole_mdcns.models import get_model
 from recbole_mdcns.quiet import dataset_output
@@ -37,12 +39,18 @@ def _init_logger(config) -> None:
 
 def load_data(config) -> tuple:
     """RecBole's dataset and its train / valid / test loaders; with a sampler the train loader
-    also draws candidate pools, after checking that the pool fits in the catalogue."""
+    also draws candidate pools, after checking that the pool fits in the catalogue; with
+    ``eval_mask_history: true`` the valid / test loaders mask each row's prefix
+    (:mod:`recbole_mdcns.history_mask`)."""
     with dataset_output():  # pandas' FutureWarnings about RecBole's dataset code, nothing else
         dataset = create_dataset(config)
         getLogger().info(dataset)
         check_catalogue(config, dataset)
+        if config["neg_sampler"] != "recbole" or config["eval_mask_history"]:
+            check_benchmark_ids(dataset)
         train_data, valid_data, test_data = data_preparation(config, dataset)
+    warn_unseen_users(config, train_data._dataset, valid_data._dataset, test_data._dataset)
+    valid_data, test_data = mask_history(config, train_data, valid_data, test_data)
     if config["neg_sampler"] != "recbole":
         train_data = candidate_train_loader(config, train_data)
     return dataset, train_data, valid_data, test_data

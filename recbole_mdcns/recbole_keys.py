@@ -2,7 +2,7 @@
 
 Every key RecBole 1.2.1's ``Trainer`` and its sequential models read is either honoured as
 RecBole honours it, mapped onto its PyTorch Lightning counterpart, refused with an error naming
-what to set instead, or warned about once (README, "RecBole keys with a sampler"). Only keys the
+what to set instead, or warned about once (docs/usage.md, "RecBole keys with a sampler"). Only keys the
 user set -- config files, ``config_dict``, command line -- are refused or warned about; RecBole's
 and this package's defaults never are. Everything here runs before any data is loaded.
 """

@@ -32,7 +32,7 @@ from recbole.data.interaction import Interaction
 
 TOLERANCE = 1e-5
 # DotScorer scores a [B, K] pool against the whole catalogue (one matmul, then a gather) when the
-# catalogue has at most this many items per pool item. benchmarks/bench_pool_scoring.py, one CPU core,
+# catalogue has at most this many items per pool item. benchmarks/studies/pool_scoring.py, one CPU core,
 # B = 2048, d = 64, K = 101, forward + backward: the gathered bmm 88-116 ms whatever the catalogue, the
 # full matmul 33 ms at 1.7k items (ml-100k), 57 ms at 3.6k (LastFM), 297 ms at 12k (Beauty): break-even ~60 K.
 FULL_CATALOGUE_RATIO = 50
@@ -207,6 +207,10 @@ class PredictScorer(Scorer):
 
 def one_pass_scorer(model) -> type[DotScorer]:
     """The one-pass scorer class for ``model`` (by its class or a RecBole base class)."""
+    from recbole_mdcns.general import GeneralScorer, is_general  # the general scorer builds on this module
+
+    if is_general(model):
+        return GeneralScorer
     for cls in type(model).__mro__:
         if cls.__name__ in MODEL_SCORERS:
             return MODEL_SCORERS[cls.__name__]

@@ -27,6 +27,7 @@ from recbole_mdcns.full_sequence import (
     trim_batch,
     user_sequences,
 )
+from recbole_mdcns.general import epoch_start, graphs_kept, is_general
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.progress import RecBoleProgressBar
 from recbole_mdcns.quiet import lightning_output
@@ -95,7 +96,10 @@ class RecBoleTrainData(pl.LightningDataModule):
         module = self.trainer.lightning_module
         probe = data.probe_batch()
         module.prepare_scorers(probe)
-        self.full_sequence, trim = plan_positions(module, probe, config["train_positions"])
+        if is_general(module.model):  # (user, item) rows: no sequence to lay out or trim
+            self.full_sequence, trim = False, False
+        else:
+            self.full_sequence, trim = plan_positions(module, probe, config["train_positions"])
         if self.full_sequence:
             dataset = data._dataset
             seqs = user_sequences(dataset.inter_feat[dataset.uid_field], dataset.inter_feat[dataset.iid_field],
@@ -145,6 +149,9 @@ class RecBoleEpochEnd(pl.Callback):
         # the same batches, candidates, negatives and dropout masks as an uninterrupted one.
         self.train_data._sampler.reseed(self._epoch_seed(trainer) + 1)
         trainer.datamodule.index_sampler.set_epoch(trainer.current_epoch)  # also right after a resume
+        for model in module.scored_models().values():
+            if is_general(model) and any(p.requires_grad for p in model.parameters()):
+                epoch_start(model, trainer.current_epoch, self._epoch_seed(trainer) + 2, self.rb.config["m_step"])
         self.started = time()
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch, batch_idx: int) -> None:
@@ -183,7 +190,8 @@ class RecBoleEpochEnd(pl.Callback):
         rb.wandblogger.log_metrics({**result, "valid_step": (epoch + 1) // rb.eval_step - 1}, head="valid")
         module.log("valid_score", score, prog_bar=True)
         module.after_validation(rb, self.valid_data)
-        module.train()
+        with graphs_kept(module):  # back to train mode; SGL redraws its graphs at the next epoch's start
+            module.train()
         if update:
             if self.saved and trainer.is_global_zero:
                 rb._save_checkpoint(epoch, verbose=self.verbose)

@@ -270,9 +270,9 @@ def test_converged_run_refuses_an_unknown_family(tmp_path):
 
 
 def test_held_out_negatives_counts_the_users_validation_and_test_items(tmp_path, monkeypatch):
-    """``benchmarks.held_out_negatives``: each user's held-out items are their last two (by time), and the
+    """``benchmarks.studies.held_out_negatives``: each user's held-out items are their last two (by time), and the
     counts are consistent: a uniform negative is a held-out item exactly when its one-item pool is."""
-    from benchmarks import held_out_negatives
+    from benchmarks.studies import held_out_negatives
     from recbole_mdcns.config import create_config
     from recbole_mdcns.quick_start import load_data
 
@@ -332,9 +332,9 @@ def test_user_ranks_give_per_user_metrics_and_a_bootstrap_over_users():
 
 
 def test_valid_test_gap_reads_the_window_hits_and_the_per_user_correlation():
-    """benchmarks.valid_test_gap: validation around the best epoch, users with a hit, and the correlation of
+    """benchmarks.studies.valid_test_gap: validation around the best epoch, users with a hit, and the correlation of
     the per-user differences on validation with those on test."""
-    from benchmarks.valid_test_gap import seed_gaps, split_correlation
+    from benchmarks.studies.valid_test_gap import seed_gaps, split_correlation
 
     def family(name, valid_scores, valid, test):
         return converged.Family(name, "proposed", [name], chosen=name, records={2020: {
@@ -375,7 +375,7 @@ def test_a_cell_another_process_runs_is_skipped_then_free_once_it_ends(tmp_path,
 
 
 def test_all_models_table_marks_each_cell_ok_refused_error_or_not_run(tmp_path):
-    from benchmarks import all_models
+    from benchmarks.studies import all_models
 
     grid = {"name": "sweep", "preset": "smoke", "results": str(tmp_path / "r.jsonl"),
             "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec", "TransRec"],

@@ -31,6 +31,7 @@ from recbole_mdcns.methods.divns import (
     hard_and_runner_ups,
     median_bandwidth,
     pick_slots,
+    pool_diverse,
     synthesis_is_exact,
     refresh_diverse_sets,
     synthesize_scores,
@@ -495,7 +496,8 @@ def test_hard_bound_can_be_independent_of_r(tiny_data, tmp_path, r):
                                        ("divns_kernel", "poly"), ("divns_dpp_mode", "map"), ("divns_gamma", 0),
                                        ("divns_alpha", -1), ("divns_cache_size", 0), ("top_m", 2),
                                        ("candidate_num", 1), ("divns_gamma", "mean"), ("divns_diverse_pick", "best"),
-                                       ("divns_pairing", "greedy"), ("divns_cache_bound", "users")])
+                                       ("divns_pairing", "greedy"), ("divns_cache_bound", "users"),
+                                       ("divns_ablation", "no_kdpp")])
 def test_validate_config_names_key(tiny_data, tmp_path, key, value):
     with pytest.raises(ValueError, match=key):
         create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, tmp_path, neg_sampler="divns",
@@ -625,3 +627,104 @@ def test_refresh_every_k_epochs(tiny_data, in_tmp):
     with pytest.raises(ValueError, match="divns_refresh_every"):
         create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="divns",
                                                                 divns_refresh_every=0))
+
+
+# --------------------------------------------------------------------------- ablations (divns_ablation)
+
+
+def test_no_dpp_draws_a_uniform_subset_of_the_cache():
+    """Cache {1, 2, 3, 4}: items 1-3 share one direction, 4 is orthogonal; k = 2. The k-DPP (almost) never
+    draws two of the three look-alikes; the no_dpp ablation's uniform 2-subset does so in 3 of 6 subsets."""
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.001], [1.0, -0.001], [0.0, 1.0], [0.5, 0.5], [-0.5, 0.5]])
+    users = 3000
+    cache = torch.tensor([[1, 2, 3, 4]]).repeat(users, 1)
+    hard = torch.tensor([[5, 6]]).repeat(users, 1)
+    size_c, size_h = torch.full((users,), 4), torch.full((users,), 2)
+    look_alike_pairs = {}
+    for mode in ("exact", "uniform"):
+        sets = refresh_diverse_sets(emb, cache, size_c, hard, size_h, mode=mode,
+                                    generator=torch.Generator().manual_seed(5))
+        assert (sets.size == 2).all()
+        drawn, _ = sets.rows(torch.arange(users))
+        assert ((drawn >= 1) & (drawn <= 4)).all() and (drawn[:, 0] != drawn[:, 1]).all()
+        look_alike_pairs[mode] = float((drawn != 4).all(1).float().mean())
+        if mode == "uniform":
+            counts = torch.bincount(drawn.flatten(), minlength=5)[1:].float() / users
+            assert torch.allclose(counts, torch.full((4,), 0.5), atol=0.04)  # every item in k/m = 1/2 of the sets
+    assert look_alike_pairs["exact"] < 0.01
+    assert abs(look_alike_pairs["uniform"] - 0.5) < 0.04
+
+
+def test_pool_diverse_is_a_uniform_runner_up_other_than_the_hard_one():
+    g = torch.Generator().manual_seed(0)
+    runners = torch.tensor([[4, 5, 6], [7, 7, 8], [9, 9, 9]]).repeat(2000, 1)
+    hard = torch.tensor([1, 7, 9]).repeat(2000)
+    diverse, has = pool_diverse(runners, hard, g)
+    assert has.tolist() == [True, True, False] * 2000  # row 3: every runner-up is its hard negative
+    first, second = diverse[0::3], diverse[1::3]
+    assert set(first.tolist()) == {4, 5, 6} and set(second.tolist()) == {8}
+    share = torch.bincount(first, minlength=7)[4:].float() / len(first)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.04)
+
+
+def _ablation(sasrec, ablation):
+    config, model, optimizer, batch, _ = sasrec
+    model.eval()  # no dropout: every module sees the same scores
+    return DivNSModule(model, optimizer, _changed(config, divns_ablation=ablation)), model, batch
+
+
+def test_no_mix_trains_on_the_hard_negative_alone(sasrec):
+    """With diverse sets in place DivNS mixes; no_mix ignores them and fills no cache: its loss is DNS's."""
+    config, _, optimizer, _, _ = sasrec
+    module, model, batch = _ablation(sasrec, "no_mix")
+    dns, divns = DNSModule(model, optimizer, config), DivNSModule(model, optimizer, config)
+    _one_diverse_item_per_user(module, batch)
+    _one_diverse_item_per_user(divns, batch)
+    assert torch.allclose(module.training_loss(batch), dns.training_loss(batch))
+    assert not torch.allclose(divns.training_loss(batch), dns.training_loss(batch))
+    assert int(module.cache.size.sum()) == int(module.hard.size.sum()) == 0 and module.synthetic_rows == 0
+
+
+def test_no_cache_mixes_each_row_with_its_own_runner_up_from_the_first_step(sasrec):
+    module, model, batch = _ablation(sasrec, "no_cache")
+    torch.manual_seed(11)
+    loss = module.training_loss(batch)
+    assert int(module.cache.size.sum()) == int(module.hard.size.sum()) == 0 and not bool(module.diverse.size.any())
+    candidates = batch[CANDIDATES]
+    scorer = module.scorers["self"]
+    with torch.no_grad():
+        hard_pos, runner_pos = hard_and_runner_ups(scorer(model, batch, candidates), module.cache_ratio)
+    hard = candidates.gather(1, hard_pos.unsqueeze(1)).squeeze(1)
+    torch.manual_seed(11)
+    diverse, has = pool_diverse(candidates.gather(1, runner_pos), hard)
+    assert module.synthetic_rows == int(has.sum()) > 0  # epoch 0 already mixes
+    scores = scorer(model, batch, torch.stack([batch[model.POS_ITEM_ID], hard, diverse], 1))
+    expected = module.loss_fn(scores[:, 0], synthesize_scores(scores[:, 1], scores[:, 2], module.lam, has))
+    assert torch.allclose(loss, expected)
+
+
+def test_no_dpp_refresh_is_the_uniform_draw_over_the_epochs_caches(sasrec):
+    module, model, batch = _ablation(sasrec, "no_dpp")
+    module.training_loss(batch)
+    emb = item_representation(model, module.scorers.get("self"))
+    expected = refresh_diverse_sets(emb, module.cache, module.cache.size.clone(), module.hard,
+                                    module.hard.size.clone(), mode="uniform",
+                                    generator=torch.Generator().manual_seed(module._epoch_seed(0)))
+    module.refresh(0)
+    assert module.diverse.size.sum() > 0
+    assert all(torch.equal(getattr(module.diverse, f), getattr(expected, f)) for f in ("ids", "offset", "size"))
+
+
+@pytest.mark.parametrize("ablation,mixed_from_epoch0,refreshes", [("no_cache", True, False), ("no_dpp", False, True),
+                                                                   ("no_mix", False, False)])
+def test_ablations_train_a_general_model(tiny_data, in_tmp, ablation, mixed_from_epoch0, refreshes):
+    recbole_mdcns.run_recbole("LightGCN", "tiny", config_dict=tiny_config(
+        tiny_data, in_tmp, neg_sampler="divns", divns_ablation=ablation, epochs=2, load_col={"inter": ["user_id", "item_id"]},
+        eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "mode": "full", "group_by": "user"}))
+    history = _last_ckpt(in_tmp)["negatives"]["history"]
+    assert [("refresh_seconds" in h) for h in history] == [refreshes, refreshes]
+    assert (history[0]["synthetic_row_fraction"] > 0.9) == mixed_from_epoch0
+    if ablation == "no_mix":
+        assert history[1]["synthetic_row_fraction"] == 0.0
+    else:
+        assert history[1]["synthetic_row_fraction"] > 0.9

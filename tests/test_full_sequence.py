@@ -131,7 +131,7 @@ def test_benchmark_files_without_augmentation_are_refused(tmp_path, in_tmp):
     for part, lines in rows.items():
         (folder / f"tiny.{part}.inter").write_text(header + "".join("\t".join(r) + "\n" for r in lines))
     config = tiny_config(tmp_path / "bench", in_tmp, neg_sampler="uniform", train_positions="all",
-                         benchmark_filename=["train", "valid", "test"],
+                         benchmark_filename=["train", "valid", "test"], alias_of_item_id=["item_id_list"],
                          load_col={"inter": ["user_id", "item_id", "item_id_list"]}, candidate_num=1)
     with pytest.raises(ChainError, match="train_positions: last"):
         recbole_mdcns.run_recbole("SASRec", "tiny", config_dict=config)

@@ -1,5 +1,5 @@
 """RecBole's trainer and model keys under a sampler: honoured, mapped, refused or warned about, never
-silently ignored -- and only when the user set them (README, "RecBole keys with a sampler")."""
+silently ignored -- and only when the user set them (docs/usage.md, "RecBole keys with a sampler")."""
 from __future__ import annotations
 
 import sys

@@ -23,7 +23,7 @@ CORE = ("config", "data", "scoring", "trainer", "compat", "quick_start", "losses
 
 
 class EasiestNegative(NegativeSamplingModule):
-    """A user's sampler, as in the README: train on the lowest-scored candidate of the pool."""
+    """A user's sampler, as in docs/extending.md: train on the lowest-scored candidate of the pool."""
 
     @staticmethod
     def validate_config(config) -> None:

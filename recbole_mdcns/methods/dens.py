@@ -47,7 +47,7 @@ from recbole.data.interaction import Interaction
 from recbole_mdcns.config import check_bool, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.lightning_module import NegativeSamplingModule
-from recbole_mdcns.methods.divns import synthesis_is_exact
+from recbole_mdcns.methods.divns.pairing import synthesis_is_exact
 from recbole_mdcns.registry import register_sampler
 from recbole_mdcns.scoring import one_pass_scorer
 
@@ -91,7 +91,7 @@ def factor_aware_scores(h: torch.Tensor, e_neg: torch.Tensor, neg_relevant: torc
 # float32), so that a chunk's gate tensors stay in a CPU core's cache between their elementwise steps.
 # One CPU core, R = 2048 rows, N = 100, d = 64, 3.6k items (LastFM), no gradient: the straightforward
 # ``[R, N, d]`` gates ~225 ms a batch; this path ~25-30 ms in chunks of 2^16-2^19 elements (a shared machine);
-# the fused kernel of ``dens_compile: true`` ~11 ms (benchmarks/bench_dens_selection.py).
+# the fused kernel of ``dens_compile: true`` ~11 ms (benchmarks/studies/dens_selection.py).
 SELECTION_CHUNK_ELEMENTS = 1 << 19
 
 

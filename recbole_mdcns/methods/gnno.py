@@ -152,6 +152,9 @@ def hard_negatives(neighbours: torch.Tensor, overlaps: torch.Tensor, threshold: 
 class GNNOModule(NegativeSamplingModule):
     """``neg_sampler: gnno`` (see the module docstring)."""
 
+    general_models = False
+    general_models_why = "it mines hard negatives from the item-transition graph of the training sequences"
+
     def __init__(self, model, optimizer, config) -> None:
         super().__init__(model, optimizer, config)
         self.num_hard = config["gnno_num_hard"]

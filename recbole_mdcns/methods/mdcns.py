@@ -48,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from recbole.config import Config
 from recbole.data.interaction import Interaction
-from recbole.utils import dict2str, set_color
+from recbole.utils import ModelType, dict2str, set_color
 
 from recbole_mdcns.companion_models import build_companion, load_frozen_model
 from recbole_mdcns.config import NO_BPR_MODELS, check_bool, packaged_yaml, require_one
 from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.evaluation import ScoreEnsemble, evaluate_as
 from recbole_mdcns.full_sequence import LOSS_SCALE
+from recbole_mdcns.general import GENERAL_MODELS
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.losses import LossFn
 from recbole_mdcns.models import sequential_model_class
@@ -198,7 +199,11 @@ def mdcns_losses(s_self: torch.Tensor, s_peer: torch.Tensor, extra: Sequence[tor
 # --------------------------------------------------------------------------- config checks
 def _validate_peer(config) -> None:
     name = config["mdcns_peer_model"]
-    if sequential_model_class(name) is None or name in NO_BPR_MODELS:
+    if config["MODEL_TYPE"] == ModelType.GENERAL:
+        if name not in GENERAL_MODELS:
+            raise ValueError(f"mdcns_peer_model must be one of the general models {list(GENERAL_MODELS)} beside the "
+                             f"general model {config['model']} (e.g. LightGCN beside BPR), got {name!r}")
+    elif sequential_model_class(name) is None or name in NO_BPR_MODELS:
         raise ValueError(
             f"mdcns_peer_model must be the name of a RecBole sequential model with a BPR mode "
             f"(e.g. GRU4Rec, SASRec, NARM, Caser; not one of {list(NO_BPR_MODELS)}), got {name!r}"

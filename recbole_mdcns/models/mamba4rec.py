@@ -37,7 +37,7 @@ Memory and time of the ``mambapy`` scan: it materialises several ``[B, L', d_inn
 float32 tensors per layer (``L'`` = ``L`` rounded up to a power of two), kept for backward.
 One training step (forward + backward, BPR) on CPU, one thread, ml-100k, ``L = 50``, the
 defaults (d = 64, d_inner = 128, d_state = 16, 2 layers), measured with
-``python benchmarks/bench_mamba4rec_memory.py --batches 1024,2048 --chunks 0,256``:
+``python -m benchmarks.studies.mamba4rec_memory --batches 1024,2048 --chunks 0,256``:
 
 ==========  ========================  ===========================
 batch       ``mamba_batch_chunk: 0``  ``mamba_batch_chunk: 256``

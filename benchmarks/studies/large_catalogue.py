@@ -1,10 +1,13 @@
-"""Memory on a catalogue of hundreds of thousands, and the cost of the sparse pool sampler.
+"""Question: Does the pool sampler's memory grow with the interactions on a 300k x 300k catalogue, and what does its hash set cost against the bitmap?
+Result: --json (committed: benchmarks/results/large_catalogue.json); findings: benchmarks/studies/large_catalogue.md.
+
+Memory on a catalogue of hundreds of thousands, and the cost of the sparse pool sampler.
 
 Two measurements, run from the repository root::
 
-    python -m benchmarks.bench_large_catalogue                  # both (many minutes on a CPU)
-    python -m benchmarks.bench_large_catalogue --skip-pool-draw  # memory only
-    python -m benchmarks.bench_large_catalogue --skip-memory     # pool draw only (~1 min)
+    python -m benchmarks.studies.large_catalogue                  # both (many minutes on a CPU)
+    python -m benchmarks.studies.large_catalogue --skip-pool-draw  # memory only
+    python -m benchmarks.studies.large_catalogue --skip-memory     # pool draw only (~1 min)
 
 **Memory.** A synthetic dataset (written once into ``--workdir``, default
 ``benchmarks/.work/``): ``--users`` users x ``--items`` items, 5-7 distinct items per user
@@ -169,7 +172,7 @@ def measure_memory(args) -> dict:
     write_synthetic(args)
     out = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.bench_large_catalogue", "--memory-child", variant,
+        cmd = [sys.executable, "-m", "benchmarks.studies.large_catalogue", "--memory-child", variant,
                "--users", str(args.users), "--items", str(args.items), "--batches", str(args.batches),
                "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
                "--seed", str(args.seed), "--threads", str(args.threads), "--workdir", args.workdir]
@@ -270,7 +273,7 @@ def main(argv=None) -> dict | None:
     if args.memory_child:
         memory_child(args)
         return None
-    command = command_line(argv, "benchmarks.bench_large_catalogue")
+    command = command_line(argv, "benchmarks.studies.large_catalogue")
     print(f"$ {command}", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("memory_child", "json")}
     record = {"command": command, "settings": settings,

@@ -1,4 +1,7 @@
-"""How often a sampler trains on a user's held-out items as negatives (issue 13: why DNS(M, N) loses to
+"""Question: How often do samplers train on a user's held-out (validation / test) items as negatives?
+Result: --json (committed: benchmarks/results/held_out_negatives-*.json); findings: benchmarks/studies/held_out_negatives.md.
+
+How often a sampler trains on a user's held-out items as negatives (why DNS(M, N) loses to
 ``uniform`` in the converged grids).
 
 RecBole's leave-one-out split holds out each user's last two items (validation, test). Candidate pools
@@ -15,7 +18,7 @@ every training target:
 Each cell is one of a converged grid's cells (same settings), trained ``--epochs`` epochs from scratch on
 its tuning seed, without validation (so no early stop). The figures never feed back into training::
 
-    python -m benchmarks.held_out_negatives --grid benchmarks/grids/converged_ml100k.yaml \\
+    python -m benchmarks.studies.held_out_negatives --grid benchmarks/grids/converged_ml100k.yaml \\
         --cells uniform,dns-m1,dns-m5,mdcns-m3 --epochs 30 --json benchmarks/results/held_out_negatives-ml-100k.json
 """
 from __future__ import annotations
@@ -148,7 +151,7 @@ def main(argv=None) -> dict:
         print(f"[held-out] {label}: {results[-1]['seconds']:.0f} s", flush=True)
     dataset = cells[labels[0]].dataset
     print(render(dataset, results, args.epochs))
-    out = {"command": "python -m benchmarks.held_out_negatives " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"command": "python -m benchmarks.studies.held_out_negatives " + " ".join(sys.argv[1:] if argv is None else argv),
            "dataset": dataset,
            "epochs": args.epochs, "git": git_state(), "versions": versions(), "results": results}
     if args.json:

@@ -1,4 +1,7 @@
-"""Peak CPU memory and time of one Mamba4Rec training step (``mambapy`` scan), per batch size and chunk.
+"""Question: How much memory and time does one Mamba4Rec training step take with the mambapy scan, and what does mamba_batch_chunk save?
+Result: printed; findings: benchmarks/studies/mamba4rec_memory.md.
+
+Peak CPU memory and time of one Mamba4Rec training step (``mambapy`` scan), per batch size and chunk.
 
 Each setting runs in its own subprocess: RecBole's ml-100k (``MAX_ITEM_LIST_LENGTH`` 50), a real
 training batch of RecBole's loader (BPR, one uniform negative), the model built from
@@ -6,7 +9,7 @@ training batch of RecBole's loader (BPR, one uniform negative), the model built 
 Reported: the process's peak resident set (``resource.getrusage`` max RSS) minus its resident
 set just before the steps, and the second step's seconds (one thread). Run from the repo root:
 
-    python benchmarks/bench_mamba4rec_memory.py --batches 1024,2048 --chunks 0,256
+    python -m benchmarks.studies.mamba4rec_memory --batches 1024,2048 --chunks 0,256
 """
 from __future__ import annotations
 

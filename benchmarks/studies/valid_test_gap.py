@@ -1,6 +1,9 @@
-"""Why a validation gain does not reach the test: two chosen settings of a converged grid, per seed.
+"""Question: Why does a validation gain of one converged setting over another not reach the test?
+Result: printed; findings: benchmarks/REPRODUCTION.md (LastFM).
 
-    python -m benchmarks.valid_test_gap --grid benchmarks/grids/converged_lastfm.yaml --pair MDCNS DNS+
+Why a validation gain does not reach the test: two chosen settings of a converged grid, per seed.
+
+    python -m benchmarks.studies.valid_test_gap --grid benchmarks/grids/converged_lastfm.yaml --pair MDCNS DNS+
 
 Prints, per seed and family: the best validation, the mean validation over the best epoch ± 5 (a gain
 that is only the luck of picking the best epoch shrinks there), and how many users have their held-out

@@ -1,11 +1,14 @@
-"""Forward + backward cost of scoring a ``[B, K]`` candidate pool by ``h · E[items]``, both ways.
+"""Question: Which way of scoring a [B, N] candidate pool is cheaper, forward and backward?
+Result: printed; findings: benchmarks/studies/epoch_time.md (MDCNS section).
+
+Forward + backward cost of scoring a ``[B, K]`` candidate pool by ``h · E[items]``, both ways.
 
 ``gather``: the item vectors of the pool are gathered (``[B, K, d]``) and multiplied with ``h``
 (``bmm``; ``einsum`` is what the scorer used before); ``catalogue``: one ``h @ E.T`` matmul over the
 whole catalogue, then a gather of the pool's columns. ``recbole_mdcns.scoring.FULL_CATALOGUE_RATIO``
 picks between them. Run from the repo root (one thread, as the project's grid cells):
 
-    python benchmarks/bench_pool_scoring.py
+    python -m benchmarks.studies.pool_scoring
 """
 
 import argparse

@@ -1,4 +1,7 @@
-"""Cost of DivNS's epoch-end k-DPP refresh and of its caches, per cap, with ``divns_cache_bound: rows``.
+"""Question: What do DivNS's cache caps cost in refresh time and memory under divns_cache_bound: rows?
+Result: --json (committed: benchmarks/results/divns_cap-*-cpu.json); findings: benchmarks/studies/divns_cap.md.
+
+Cost of DivNS's epoch-end k-DPP refresh and of its caches, per cap, with ``divns_cache_bound: rows``.
 
 Under ``rows`` a user with ``n_u`` training rows per epoch gets ``|C_u| <= min(r n_u, cap)`` and
 ``|H_u| <= min(n_u, cap // r)``. This fills every user's caches to those bounds with distinct
@@ -8,26 +11,25 @@ counts of a dataset and random item vectors of its catalogue, and times
 is the caches' id slots (8 bytes each) against the fixed ``[n_users, cap]`` layout. Run from the
 repo root:
 
-    python benchmarks/bench_divns_cap.py --dataset ml-100k --caps 64,128,192,256 --threads 1
-    python benchmarks/bench_divns_cap.py --dataset lastfm --data_path ../shared/datasets
+    python -m benchmarks.studies.divns_cap --dataset ml-100k --caps 64,128,192,256 --threads 1
+    python -m benchmarks.studies.divns_cap --dataset lastfm --data_path ../shared/datasets
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from time import perf_counter
 
 import recbole
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import recbole_mdcns  # noqa: E402,F401  (applies the compat shims)
-from recbole.data import create_dataset  # noqa: E402
+import recbole_mdcns  # noqa: F401  (applies the compat shims)
+from recbole.data import create_dataset
 
-from recbole_mdcns.config import create_config  # noqa: E402
-from recbole_mdcns.methods.divns import RunnerUpCache, refresh_diverse_sets  # noqa: E402
+from benchmarks.common import command_line
+from recbole_mdcns.config import create_config
+from recbole_mdcns.methods.divns import RunnerUpCache, refresh_diverse_sets
 
 
 def rows_per_user(dataset_name: str, data_path: str, max_len: int) -> tuple[torch.Tensor, int]:
@@ -104,7 +106,7 @@ def main() -> None:
               f"{record['rows_bound_mib']:.2f} | {record['fixed_mib']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "dataset": args.dataset, "users": users,
+            json.dump({"command": command_line(module="benchmarks.studies.divns_cap"), "dataset": args.dataset, "users": users,
                        "rows": int(rows.sum()), "results": results}, f, indent=1)
 
 

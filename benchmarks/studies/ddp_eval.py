@@ -1,8 +1,11 @@
-"""Full-sort validation of SASRec on ml-100k: one process with 2 threads against 2 DDP processes
+"""Question: Does sharding full-sort evaluation across DDP processes save time, with the same metrics?
+Result: --json (committed: benchmarks/results/ddp_eval.json); findings: benchmarks/studies/ddp_eval.md.
+
+Full-sort validation of SASRec on ml-100k: one process with 2 threads against 2 DDP processes
 with 1 thread each (:meth:`recbole_mdcns.trainer.NegSamplingTrainer.evaluate` sharding RecBole's
 evaluation batches), interleaved round by round on the same two processes:
 
-    python -m benchmarks.bench_ddp_eval [--rounds 5] [--eval-batch-size 256]
+    python -m benchmarks.studies.ddp_eval [--rounds 5] [--eval-batch-size 256]
 
 Each round: process 0 alone runs RecBole's unsharded ``Trainer.evaluate`` with 2 threads, and
 with 1 thread for reference (process 1 waits in a gloo barrier, which takes no CPU), then both
@@ -10,7 +13,7 @@ run the sharded evaluation with 1 thread each. Reported: the slower process's wa
 busier one's CPU time (all its threads), which a shared machine's other load does not inflate as
 it does wall time. The model is SASRec at RecBole's defaults, freshly seeded (evaluation costs the
 same trained or not); all three ways must give the same metrics. Figures and command:
-``benchmarks/README.md``.
+``benchmarks/studies/ddp_eval.md``.
 """
 from __future__ import annotations
 
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="write the record here")
     args = parser.parse_args(argv)
     args.data_path, args.json = (os.path.abspath(p) if p else None for p in (args.data_path, args.json))  # chdir below
-    command = command_line(argv, "benchmarks.bench_ddp_eval")
+    command = command_line(argv, "benchmarks.studies.ddp_eval")
     print(f"$ {command}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_ddp_eval-") as tmp:
         args.workdir = tmp

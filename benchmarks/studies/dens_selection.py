@@ -1,4 +1,7 @@
-"""What DENS's selection costs per batch, beside its floor and beside DNS's pool scoring (issue 14).
+"""Question: What does DENS's selection cost per batch, chunked and fused, beside DNS's pool scoring?
+Result: --json (committed: benchmarks/results/bench_dens_selection-cpu*.json); findings: benchmarks/studies/epoch_time.md.
+
+What DENS's selection costs per batch, beside its floor and beside DNS's pool scoring.
 
 DENS picks, from each row's pool of N candidates, the argmax of ``h . ((1 - w) e_n - g_n e_n)`` with the
 gate ``g_n = sigmoid(W_n e_n + W_p e_p^r)`` -- a ``d``-dimensional gate per (row, candidate), so an exact
@@ -14,7 +17,7 @@ interleaved, medians over ``--repeats`` (one thread, random tensors at LastFM's 
 * ``dns scoring`` -- DNS's pool scores, ``(h @ E.T).gather`` (what DENS's selection replaces);
 * ``contrastive`` -- DENS's positive / negative gates and four contrastive terms, forward and backward.
 
-    python benchmarks/bench_dens_selection.py --json benchmarks/results/bench_dens_selection-cpu.json
+    python -m benchmarks.studies.dens_selection --json benchmarks/results/bench_dens_selection-cpu.json
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Time DivNS's epoch-end refresh against one training epoch (SASRec, ml-100k by default).
+"""Question: What share of a training epoch is DivNS's epoch-end k-DPP refresh?
+Result: printed; findings: benchmarks/studies/divns_cap.md.
+
+Time DivNS's epoch-end refresh against one training epoch (SASRec, ml-100k by default).
 
 The refresh (negative statistics, per-user kernels over the runner-up caches, batched
 exact k-DPP sampling, clearing the caches) must stay <= 10% of a training epoch.
@@ -6,8 +9,8 @@ Runs two epochs (epoch 0 is plain DNS, epoch 1 trains on synthetic negatives, so
 fill the caches the same way) without validation, and prints one line per epoch and
 the ratio of the last epoch. Run from the repo root:
 
-    python benchmarks/divns_refresh.py [--max_len 20] [--epochs 2] [--device cpu] [--threads 0]
-    python benchmarks/divns_refresh.py --max_len 50 --batch 1024 --train_positions all --cache_bound rows \
+    python -m benchmarks.studies.divns_refresh [--max_len 20] [--epochs 2] [--device cpu] [--threads 0]
+    python -m benchmarks.studies.divns_refresh --max_len 50 --batch 1024 --train_positions all --cache_bound rows \
         --cache_size 128 --gamma median --threads 1
 """
 import argparse
@@ -15,20 +18,18 @@ import logging
 import os
 import shutil
 import tempfile
-import sys
 from time import perf_counter
 
 import recbole
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import recbole_mdcns  # noqa: E402,F401  (applies the compat shims)
-from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.utils import get_model, init_seed  # noqa: E402
+import recbole_mdcns  # noqa: F401  (applies the compat shims)
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_model, init_seed
 
-from recbole_mdcns.config import create_config  # noqa: E402
-from recbole_mdcns.data import candidate_train_loader  # noqa: E402
-from recbole_mdcns.trainer import NegSamplingTrainer  # noqa: E402
+from recbole_mdcns.config import create_config
+from recbole_mdcns.data import candidate_train_loader
+from recbole_mdcns.trainer import NegSamplingTrainer
 
 
 def main() -> None:

@@ -1,24 +1,24 @@
-"""Benchmark batched ``sample_k_dpp`` against one-user-at-a-time exact k-DPP sampling with dppy.
+"""Question: How much faster is the batched exact k-DPP than one-user-at-a-time dppy?
+Result: printed; findings: benchmarks/studies/capped_evidence.md (DivNS).
+
+Benchmark batched ``sample_k_dpp`` against one-user-at-a-time exact k-DPP sampling with dppy.
 
 Each user has its own quality-weighted cosine kernel ``L_u = diag(q) S diag(q)`` over ``m``
 cached items (``S`` from rank-``d`` unit embeddings). Both samplers are exact and pay for the
 eigendecomposition of every user's kernel; torch is pinned to ``--threads`` threads (default 1,
 like dppy's scalar loops) so the ratio is per core. Run from the repo root:
 
-    python benchmarks/bench_dpp.py --b 512 --m 40 --k 10
+    python -m benchmarks.studies.dpp_speed --b 512 --m 40 --k 10
 """
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 from dppy.finite_dpps import FiniteDPP
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_mdcns.dpp import sample_k_dpp  # noqa: E402
+from recbole_mdcns.dpp import sample_k_dpp
 
 
 def make_kernels(b: int, m: int, d: int, seed: int) -> torch.Tensor:
