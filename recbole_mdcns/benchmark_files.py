@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging import getLogger
 
 import numpy as np
+from recbole.utils import ModelType
 
 SPLITS = ("train", "valid", "test")
 # the files' fields: RecBole's default names, whatever the input's columns are called
@@ -19,10 +20,12 @@ USER_EMBEDDING_MODELS = ("Caser", "FPMC", "FOSSIL", "HGN", "HRM", "NPE", "SHAN",
 
 
 def check_benchmark_config(config) -> None:
-    """With ``benchmark_filename``, ``load_col`` must keep each row's item sequence; ``ValueError`` naming
-    ``load_col`` otherwise (RecBole would fail later, on a missing attribute)."""
+    """With ``benchmark_filename``, a sequential model's ``load_col`` must keep each row's item sequence;
+    ``ValueError`` naming ``load_col`` otherwise (RecBole would fail later, on a missing attribute). A general
+    model's benchmark rows are (user, item) pairs, with no sequence."""
     load_col = config["load_col"]
-    if not config["benchmark_filename"] or not isinstance(load_col, dict):
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL or not config["benchmark_filename"] or \
+            not isinstance(load_col, dict):
         return
     field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
     inter = load_col.get("inter", [])
