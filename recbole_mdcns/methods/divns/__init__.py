@@ -17,8 +17,25 @@ Per training row of user ``u`` (see ``shared/design/divns.md``):
    (all rows of epoch 0) use ``v_H`` alone: plain DNS.
 
 At each epoch end every user's ``D_u`` is redrawn from ``C_u`` by a k-DPP, then ``C_u`` and
-``H_u`` are cleared. ``divns_ablation`` (``no_cache`` | ``no_dpp`` | ``no_mix``) removes one component
-(:mod:`.module`).
+``H_u`` are cleared.
+
+**Ablations** (``divns_ablation``, for sequential and general models alike; every other key kept, so an
+ablation cell differs from its DivNS cell in this key alone):
+
+* ``none`` -- DivNS;
+* ``no_cache`` -- no runner-up cache, hard set, ``D_u`` or refresh: each row's diverse item is drawn
+  uniformly from its own pool's ranks 2..r+1 of this step (:func:`.pairing.pool_diverse`), from
+  epoch 0 on (the k-DPP, which samples from the cache, goes with it);
+* ``no_dpp`` -- ``D_u`` a uniform draw of ``k = min(|H_u|, |C_u|)`` items of the cache instead of the
+  k-DPP (:func:`~.refresh.uniform_subsets`; ``divns_dpp_mode`` and the kernel keys are not read);
+* ``no_mix`` -- the hard negative alone (DNS(1, N)): no caches, no refresh, no diverse item.
+  ``divns_lambda: 1`` gives the same loss but still fills the caches and runs the refresh.
+
+**Negative-diversity evidence.** Every negative id a row trains on (``v_H``, and
+``v_D`` where mixed) is counted per epoch (:meth:`.module.DivNSModule.record_negatives`);
+at epoch end :func:`~recbole_mdcns.diagnostics.negative_stats` reports the mean pairwise
+cosine distance of the used negatives and the fraction of the catalogue used (this epoch and
+ever), kept in ``DivNSModule.negative_history`` and logged.
 
 The package, by concern:
 

@@ -1,5 +1,6 @@
 """DivNS's LightningModule (``neg_sampler: divns``): its options, their checks, the training step,
-the epoch-end refresh, the checkpoint.
+the epoch-end refresh, the checkpoint (the ablations and the negative-diversity
+record: :mod:`recbole_mdcns.methods.divns`).
 
 **On sequences** (``shared/design/divns.md``, "What happens on sequences"): ``D_u`` is per user,
 but each row of a user has its own representation ``h``. Options, each off by default (the
@@ -17,18 +18,6 @@ and the scorer, so they hold under ``train_positions: all`` too:
 * ``divns_gamma: median`` -- the RBF bandwidth of each user's kernel from the median squared
   pairwise distance of its cached items (:func:`~.refresh.median_bandwidth`).
 
-**Ablations** (``divns_ablation``, for sequential and general models alike; every other key kept, so an
-ablation cell differs from its DivNS cell in this key alone):
-
-* ``none`` -- DivNS;
-* ``no_cache`` -- no runner-up cache, hard set, ``D_u`` or refresh: each row's diverse item is drawn
-  uniformly from its own pool's ranks 2..r+1 of this step (:func:`~.pairing.pool_diverse`), from
-  epoch 0 on (the k-DPP, which samples from the cache, goes with it);
-* ``no_dpp`` -- ``D_u`` a uniform draw of ``k = min(|H_u|, |C_u|)`` items of the cache instead of the
-  k-DPP (:func:`~.refresh.uniform_subsets`; ``divns_dpp_mode`` and the kernel keys are not read);
-* ``no_mix`` -- the hard negative alone (DNS(1, N)): no caches, no refresh, no diverse item.
-  ``divns_lambda: 1`` gives the same loss but still fills the caches and runs the refresh.
-
 **Item representation** (kernel, ``q`` and the diversity statistics): the vectors the
 scorer scores (``scorer.item_vectors``, e.g. FPMC's ``[IU, IL]``), else the model's
 ``item_embedding``, else the concatenation of every ``nn.Embedding`` with ``n_items`` rows;
@@ -45,11 +34,6 @@ then runs the same refresh with the same seed, so every rank holds the same, glo
 The price is one gather of each cache per epoch and the refresh computed on every
 rank rather than split among them.
 
-**Negative-diversity evidence.** Every negative id a row trains on (``v_H``, and
-``v_D`` where mixed) is counted per epoch (:meth:`DivNSModule.record_negatives`);
-at epoch end :func:`~recbole_mdcns.diagnostics.negative_stats` reports the mean pairwise
-cosine distance of the used negatives and the fraction of the catalogue used (this epoch and
-ever), kept in ``DivNSModule.negative_history`` and logged.
 """
 from __future__ import annotations
 
