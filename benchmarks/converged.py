@@ -14,6 +14,10 @@ A grid's ``selection:`` section declares the protocol (the grids' headers descri
   A choice at its grid's edge -- the largest or smallest value of a numeric key among at least two
   other members that differ from it in that key alone -- is named in the report, as an epoch cap
   that binds would be: the grid does not bracket the best value.
+* ``role`` of a family -- ``proposed`` (the default; marked ``*`` in the report), ``baseline`` (a sampler
+  the proposed ones are set against; the best of them by validation is the report's "best baseline"), or
+  ``reference`` (a bar that is not a sampler, e.g. the full softmax: set against the samplers only through
+  ``claims``, never the best baseline).
 * ``claims`` -- ``[A, B]`` pairs, "A beats B": per-seed paired differences of the test metric over the
   seeds both have, their mean ± std and on how many seeds A is ahead.
 * ``priority`` -- the order in which ``--run`` works through the families (default: as listed).
@@ -45,6 +49,8 @@ import yaml
 
 from benchmarks.common import REPO_ROOT, command_line
 from benchmarks.report import Row, _bar_panel, _fmt, _mean_std, _save, _slug, load
+
+ROLES = ("proposed", "baseline", "reference")  # a family's role (module docstring)
 from benchmarks.run import Cell, load_grid
 
 DEFAULTS = {"metric": "ndcg@10", "tuning_seed": 2020, "seeds": [2020, 2021, 2022]}
@@ -126,6 +132,9 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
             unknown = [m for m in entry["members"] if m not in labels]
             if unknown:
                 raise ValueError(f"{grid_path}: family {entry['name']!r} names labels the grid lacks: {unknown}")
+            if entry.get("role", "proposed") not in ROLES:
+                raise ValueError(f"{grid_path}: family {entry['name']!r}: role must be one of {list(ROLES)}, "
+                                 f"got {entry['role']!r}")
             evidence.families[entry["name"]] = Family(
                 name=entry["name"], role=entry.get("role", "proposed"), members=list(entry["members"]),
                 ablation_of=entry.get("ablation_of"), differs_in=list(entry.get("differs_in") or []),
@@ -298,14 +307,14 @@ def render_dataset(e: Evidence) -> list[str]:
             lines.append(f"| {f.name} | – ({f.why}) | | | | | |")
             continue
         if not f.records:
-            lines.append(f"| {f.name}{'' if f.role == 'baseline' else ' *'} | `{f.chosen}` ({f.why}) | not run yet "
+            lines.append(f"| {f.name}{' *' if f.role == 'proposed' else ''} | `{f.chosen}` ({f.why}) | not run yet "
                          "| | | | |")
             continue
         test, valid = _mean_std(list(f.values(m).values())), _mean_std(list(f.values(m, "valid").values()))
         recall = _mean_std(list(f.values("recall@10").values()))
         epochs = ", ".join(str(r.get("best_epoch")) for _, r in sorted(f.records.items()))
         diff = "–" if base is None or f is base else _fmt_paired(paired(f, base, m)[0])
-        lines.append(f"| {f.name}{'' if f.role == 'baseline' else ' *'} | `{f.chosen}` ({f.why}) | "
+        lines.append(f"| {f.name}{' *' if f.role == 'proposed' else ''} | `{f.chosen}` ({f.why}) | "
                      f"{_fmt(*test)} (n={test[2]}) | {_fmt(*recall)} | {_fmt(*valid)} | {epochs} | {diff} |")
     if e.claims:
         lines += ["", "### Claims", "",
@@ -436,8 +445,8 @@ def plot(e: Evidence, out_dir: Path) -> Path | None:
     for label in e.configs:
         record = e.records.get((label, e.tuning_seed))
         if record is not None:
-            role = "baseline" if any(f.role == "baseline" and label in f.members for f in e.families.values()) \
-                else "proposed"
+            roles = {f.role for f in e.families.values() if label in f.members}
+            role = next((r for r in ("baseline", "reference") if r in roles), "proposed")
             row = Row(label, role)
             row.records.append(record)
             tuning.append(row)
@@ -457,7 +466,7 @@ def plot(e: Evidence, out_dir: Path) -> Path | None:
     else:
         axes[1].axis("off")
     path = out_dir / f"converged_{_slug(e.title)}.png"
-    return _save(fig, f"{e.title}: {e.model}, converged runs (grey: baselines, red: proposed; dashed: best baseline)",
+    return _save(fig, f"{e.title}: {e.model}, converged runs (grey: baselines, blue: references, red: proposed; dashed: best baseline)",
                  path)
 
 

@@ -196,7 +196,7 @@ def _bar_panel(ax, rows: list[Row], title: str, metric: str = PLOT_METRIC, split
     means = [s[0] or 0.0 for s in stats]
     errs = [s[1] or 0.0 for s in stats]
     y = list(range(len(rows)))
-    colors = ["tab:gray" if row.role == "baseline" else "tab:red" for row in rows]
+    colors = [{"baseline": "tab:gray", "reference": "tab:blue"}.get(row.role, "tab:red") for row in rows]
     ax.barh(y, means, xerr=errs, capsize=3, color=colors, height=0.7, error_kw={"elinewidth": 1})
     ax.set_yticks(y, [row.label for row in rows], fontsize=9)
     ax.invert_yaxis()

@@ -141,14 +141,16 @@ def validate(config: Config, user: dict) -> None:
         )
     _check_choice(config, "neg_loss", NEG_LOSSES)
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
-    check_number(config, "candidate_num", 1, integer=True)
-    check_number(config, "top_m", 1, config["candidate_num"], integer=True)
+    draws_pool = get_sampler(config["neg_sampler"]).cls.draws_pool  # False: the sampler checks its pool keys
+    if draws_pool:
+        check_number(config, "candidate_num", 1, integer=True)
+        check_number(config, "top_m", 1, config["candidate_num"], integer=True)
     _check_positions(config)
     if config["torch_threads"] is not None:
         check_number(config, "torch_threads", 1, integer=True)
     check_number(config, "neg_num", 1, integer=True)
     history_mask.check_config(config)
-    if config["neg_num"] > config["candidate_num"]:
+    if draws_pool and config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
                          f"candidate_num items), got neg_num={config['neg_num']}, "
                          f"candidate_num={config['candidate_num']}")

@@ -138,7 +138,10 @@ class CandidateTrainDataLoader(TrainDataLoader):
         super().__init__(config, dataset, sampler, shuffle=shuffle)
 
     def draw_pools(self, users: torch.Tensor) -> torch.Tensor:
-        """``[len(users), candidate_num]`` candidate pools, timed into :attr:`sampling_seconds`."""
+        """``[len(users), candidate_num]`` candidate pools, timed into :attr:`sampling_seconds`; with
+        ``candidate_num: 0`` (a sampler that draws no pool) an empty ``[len(users), 0]``, nothing drawn."""
+        if self.candidate_num == 0:
+            return torch.zeros(len(users), 0, dtype=torch.long)
         started = perf_counter()
         pools = self._sampler.sample_pool(users, self.candidate_num)
         self.sampling_seconds += perf_counter() - started

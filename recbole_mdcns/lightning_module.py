@@ -47,6 +47,7 @@ class NegativeSamplingModule(pl.LightningModule):
     general_models: bool = True  # also trains RecBole's general models (recbole_mdcns.general.GENERAL_MODELS)
     general_models_why: str = ""  # why not, when ``general_models`` is False (the config error says it)
     harmless_warnings: tuple = ()  # (message, category, module) warnings this module's fit raises by design
+    draws_pool: bool = True  # False: no candidate pool is drawn (``candidate_num: 0``; ``batch[CANDIDATES]`` is [B, 0])
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
         super().__init__()
@@ -76,10 +77,14 @@ class NegativeSamplingModule(pl.LightningModule):
         (:meth:`prepare_scorers`), or on the first batch it sees."""
         if name not in self.scorers:
             adopt(model)
-            items = torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES][:, :_VERIFY_COLUMNS]], 1)
             build = build_general_scorer if is_general(model) else build_scorer
-            self.scorers[name] = build(model, batch, items)
+            self.scorers[name] = build(model, batch, self.verification_items(model, batch))
         return self.scorers[name]
+
+    def verification_items(self, model: torch.nn.Module, batch: Interaction) -> torch.Tensor:
+        """``[B, k]`` items a scorer is checked on against ``model.predict``: each row's positive and the
+        first candidates of its pool."""
+        return torch.cat([batch[model.POS_ITEM_ID].unsqueeze(1), batch[CANDIDATES][:, :_VERIFY_COLUMNS]], 1)
 
     @staticmethod
     def validate_config(config) -> None:
@@ -165,17 +170,21 @@ class NegativeSamplingModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             counts = self.all_gather(counts).sum(0)
         self.ever_used |= counts > 0
-        used = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
         generator = torch.Generator(device=counts.device).manual_seed(int(self.config["seed"] or 0) + epoch)
         try:
             vectors = item_representation(self.model, self.scorers.get("self")).to(counts.device)
         except TypeError:  # no item vectors (generic path without embeddings): counts only
             vectors = torch.zeros(len(counts), 1, device=counts.device)
-        record = {"epoch": epoch, **negative_stats(vectors, used, generator=generator),
+        record = {"epoch": epoch, **self.epoch_negative_stats(vectors, counts, generator),
                   "catalogue_fraction_ever": int(self.ever_used[1:].sum()) / max(len(self.ever_used) - 1, 1)}
         self.negative_counts.zero_()
         self.negative_history.append(record)
         return record
+
+    def epoch_negative_stats(self, vectors: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> dict:
+        """:func:`~recbole_mdcns.diagnostics.negative_stats` of the epoch's negatives, given as per-item ``counts``."""
+        used = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
+        return negative_stats(vectors, used, generator=generator)
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch(self.negative_report(self.current_epoch), f"epoch {self.current_epoch}")

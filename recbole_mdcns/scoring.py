@@ -57,6 +57,11 @@ class Scorer:
     def score(self, model, interaction: Interaction, state, items: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_all(self, model, interaction: Interaction, state) -> torch.Tensor:
+        """``[B, n_items]``: every item of the catalogue (the padding id 0 included) scored against ``state``."""
+        items = torch.arange(model.n_items, device=interaction[model.POS_ITEM_ID].device)
+        return self.score(model, interaction, state, items.expand(len(interaction[model.POS_ITEM_ID]), -1))
+
     def __call__(self, model, interaction: Interaction, items: torch.Tensor) -> torch.Tensor:
         return self.score(model, interaction, self.encode(model, interaction), items)
 
@@ -94,6 +99,10 @@ class DotScorer(Scorer):
             return (h @ table.T).gather(1, items)
         return torch.bmm(self.item_vectors(model, items), h.unsqueeze(-1)).squeeze(-1)
 
+    def score_all(self, model, interaction: Interaction, h: torch.Tensor) -> torch.Tensor:
+        """``h · E.T``: the whole catalogue in one ``[B, n_items]`` matmul."""
+        return h @ self.item_vectors(model, torch.arange(model.n_items, device=h.device)).T
+
 
 class BERT4RecScorer(DotScorer):
     """``predict``: the mask token after the last item (sequence shifted left by one, as
@@ -113,6 +122,9 @@ class BERT4RecScorer(DotScorer):
 
     def score(self, model, interaction: Interaction, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return super().score(model, interaction, h, items) + model.output_bias[items]
+
+    def score_all(self, model, interaction: Interaction, h: torch.Tensor) -> torch.Tensor:
+        return super().score_all(model, interaction, h) + model.output_bias
 
 
 class S3RecScorer(DotScorer):
@@ -177,6 +189,10 @@ class TransRecScorer(DotScorer):
     def score(self, model, interaction: Interaction, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         distance = (h.unsqueeze(1) - model.item_embedding(items)).pow(2).sum(-1).sqrt()
         return model.bias(items).squeeze(-1) - distance
+
+    def score_all(self, model, interaction: Interaction, h: torch.Tensor) -> torch.Tensor:
+        """Every item through :meth:`score` (a distance, not a matmul)."""
+        return Scorer.score_all(self, model, interaction, h)
 
 
 MODEL_SCORERS = {

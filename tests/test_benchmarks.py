@@ -550,3 +550,35 @@ def test_compare_records_reports_the_first_differing_epoch():
     assert run.compare_records(record, short, epochs=2) == ([], None)  # a truncated rerun: its epochs only
     assert run.compare_records(record, short, epochs=3) == (["epoch 2: not validated by the rerun"], 2)
     assert run.compare_records(record, {"status": "error", "error": "boom"})[0] == ["the rerun failed: boom"]
+
+
+def test_a_reference_family_is_never_the_best_baseline(tmp_path):
+    """``role: reference`` (e.g. the full softmax): set against the samplers through claims only -- never the
+    report's best baseline even with the best validation, not marked ``*`` as a proposed method; an unknown
+    role is refused naming the valid ones."""
+    from benchmarks import converged
+
+    grid = {"name": "reference", "results": str(tmp_path / "r.jsonl"), "config": {"epochs": 100, "stopping_step": 5},
+            "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec"],
+            "samplers": {"u": {"neg_sampler": "uniform"}, "ce": {"neg_sampler": "full_softmax"},
+                         "d": {"neg_sampler": "dns", "candidate_num": 10}},
+            "selection": {"seeds": [2020],
+                          "families": [{"name": "RNS", "role": "baseline", "members": ["u"]},
+                                       {"name": "CE", "role": "reference", "members": ["ce"]},
+                                       {"name": "DNS", "members": ["d"]}],
+                          "claims": [["DNS", "CE"]]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    keys = {c.sampler: c.key for c in run.load_grid(path, seeds=[2020])}
+    records = {keys[label]: {"key": keys[label], "status": "ok", "best_epoch": 3, "epochs": 9,
+                             "valid": {"ndcg@10": valid}, "test": {"ndcg@10": valid, "recall@10": valid}}
+               for label, valid in (("u", 0.1), ("ce", 0.5), ("d", 0.2))}
+    evidence, = converged.build(str(path), records)
+    assert converged.best_baseline(evidence).name == "RNS"
+    text = "\n".join(converged.render_dataset(evidence))
+    assert "| CE | `ce`" in text and "| DNS * | `d`" in text
+    assert "| DNS > CE | 2020: -0.3000 |" in text
+    grid["selection"]["families"][1]["role"] = "bar"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    with pytest.raises(ValueError, match=r"role must be one of \['proposed', 'baseline', 'reference'\], got 'bar'"):
+        converged.build(str(path), records)

@@ -1,7 +1,8 @@
-"""Issue 14's six samplers on two gloo CPU ranks, in one pair of processes (one start-up for the six runs).
+"""Issue 14's six samplers and the full softmax on two gloo CPU ranks, in one pair of processes (one start-up
+for the seven runs).
 
 The test launches both ranks itself (``LOCAL_RANK`` set, as torchrun does), so Lightning creates no
-processes and the six fits share one process group. Both ranks must end with the same test results;
+processes and the seven fits share one process group. Both ranks must end with the same test results;
 each epoch's negative count covers the rows of both ranks (all_gathered); DENS's gates and their param
 group are in the Lightning checkpoint; after every epoch end each rank dumps its sampler state, and the
 per-user state of AdaSIR and SRNS must be identical on both ranks (merged) and complete.
@@ -56,7 +57,8 @@ dump_state_at_epoch_end(SRNSModule, "srns")
 runs = {"mixgcf": {"candidate_num": 20, "top_m": 2, "neg_num": 2}, "dens": {"candidate_num": 20},
         "ahns": {"candidate_num": 20}, "adasir": {"candidate_num": 30, "adasir_pool_size": 8},
         "gnno": {"gnno_start_epoch": 0, "gnno_pace": 0.3},
-        "srns": {"candidate_num": 12, "srns_memory_size": 4, "srns_warmup": 1, "srns_temperature": 0.1}}
+        "srns": {"candidate_num": 12, "srns_memory_size": 4, "srns_warmup": 1, "srns_temperature": 0.1},
+        "full_softmax": {}}
 for name, extra in runs.items():
     result = recbole_mdcns.run_recbole("SASRec", "tiny", config_dict={
         **config, **extra, "neg_sampler": name, "checkpoint_dir": str(out / name / "saved")})
@@ -85,7 +87,7 @@ def test_two_cpu_ranks_train_the_baselines_alike_and_merge_their_state(tiny_data
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    names = ("mixgcf", "dens", "ahns", "adasir", "gnno", "srns")
+    names = ("mixgcf", "dens", "ahns", "adasir", "gnno", "srns", "full_softmax")
     results = [dict(re.findall(r"RESULT (\w+) (\{[^}]*\})", output)) for output in outputs]
     assert set(results[0]) == set(names) and results[0] == results[1]  # both ranks test the same model
 
@@ -98,6 +100,10 @@ def test_two_cpu_ranks_train_the_baselines_alike_and_merge_their_state(tiny_data
         if name == "dens":
             assert "gates.neg_gate.weight" in ckpt["state_dict"]
             assert len(ckpt["optimizer_states"][0]["param_groups"]) == 2
+    (path,) = (tmp_path / "full_softmax" / "saved").glob("*-lightning/last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # every row: all items but padding and target
+    n_items = ckpt["state_dict"]["model.item_embedding.weight"].shape[0]
+    assert ckpt["negatives"]["history"][0]["negatives"] == 2 * math.ceil(rows / 2) * (n_items - 2)
 
     def states(name, epoch):
         return [torch.load(tmp_path / f"{name}-rank{rank}-epoch{epoch}.pt", weights_only=True) for rank in (0, 1)]

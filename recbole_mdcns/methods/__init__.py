@@ -13,6 +13,7 @@
 ``adasir``                         :mod:`.adasir`               AdaSIR (WWW'22)
 ``gnno``                           :mod:`.gnno`                 GNNO (SIGIR'23)
 ``srns``                           :mod:`.srns`                 SRNS (NeurIPS'20)
+``full_softmax``                   :mod:`.full_softmax`         RecBole's ``loss_type: CE``, no sampling
 =================================  ===========================  ==============================
 
 Per-user state shared by AdaSIR and SRNS (growth, the DDP merge rule) is in :mod:`.user_state`.
@@ -20,5 +21,5 @@ A new method is a new module here (its selection rule, its LightningModule, its 
 ``register_sampler`` at the bottom) plus ``config_yamls/<name>.yaml``, imported below.
 """
 from recbole_mdcns.methods import (  # noqa: F401  (registration on import)
-    adasir, ahns, dens, divns, dns, gnno, mdcns, mixgcf, srns,
+    adasir, ahns, dens, divns, dns, full_softmax, gnno, mdcns, mixgcf, srns,
 )
