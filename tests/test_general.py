@@ -18,7 +18,7 @@ from recbole.utils import get_model, init_seed
 from conftest import tiny_config
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
-from recbole_mdcns.general import GENERAL_MODELS, GeneralScorer, is_general
+from recbole_mdcns.general import GENERAL_MODELS, GeneralScorer
 from recbole_mdcns.methods.divns import synthesis_is_exact
 from recbole_mdcns.quick_start import build_model, build_trainer, load_data, run_recbole
 from recbole_mdcns.registry import get_sampler
@@ -284,22 +284,13 @@ def test_lightgcn_ddp_validates_and_tests_like_one_process_on_its_checkpoint(tin
     """LightGCN + dns under 2-process CPU DDP: training, RecBole's full-sort evaluation sharded over the
     processes (general batches: interaction, history_index, positive_u, positive_i), and results equal to one
     process's evaluation of the checkpoint it saved."""
-    import subprocess
-    import sys
-
-    import yaml
-    from test_sharded_eval import _logged
+    from test_sharded_eval import _logged, ddp_cli_run
 
     from recbole_mdcns.trainer import NegSamplingTrainer
 
     config = general_config(tiny_data, in_tmp, "LightGCN", neg_sampler="dns", candidate_num=10, eval_batch_size=7,
                             state="INFO", metric_decimal_place=12)
-    (in_tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "recbole_mdcns", "--model=LightGCN", "--dataset=tiny", "--config_files",
-           str(in_tmp / "tiny.yaml"), "--accelerator=cpu", "--devices=2", "--strategy=ddp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=in_tmp)
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = out.stdout + out.stderr
+    log = ddp_cli_run(in_tmp, "LightGCN", config)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log and log.count("epoch 0 training") == 1
 
     checkpoint, = glob.glob(str(in_tmp / "saved" / "LightGCN-*.pth"))

@@ -84,16 +84,22 @@ def _logged(log: str, head: str) -> dict:
     return {key: repr(value) for key, value in ast.literal_eval(line[len("OrderedDict("):-1])}
 
 
+def ddp_cli_run(folder: Path, model: str, config: dict) -> str:
+    """``python -m recbole_mdcns`` on the tiny dataset with ``config`` as a YAML file, as 2 CPU DDP processes
+    in ``folder``; its stdout and stderr (it must succeed)."""
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "recbole_mdcns", f"--model={model}", "--dataset=tiny", "--config_files",
+           str(folder / "tiny.yaml"), "--accelerator=cpu", "--devices=2", "--strategy=ddp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=folder)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
 def test_ddp_run_validates_and_tests_like_one_process_on_its_checkpoint(tiny_data, in_tmp):
     """MDCNS under 2-process CPU DDP (self, peer and ensemble validation sharded): its best-valid and
     test results equal one process's evaluation of the checkpoint it saved."""
     config = tiny_config(tiny_data, in_tmp, state="INFO", **{**SETTINGS, "neg_sampler": "mdcns"})
-    (in_tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "recbole_mdcns", "--model=SASRec", "--dataset=tiny", "--config_files",
-           str(in_tmp / "tiny.yaml"), "--accelerator=cpu", "--devices=2", "--strategy=ddp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=in_tmp)
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = out.stdout + out.stderr
+    log = ddp_cli_run(in_tmp, "SASRec", config)
     assert "peer valid result" in log and "ensemble valid result" in log
 
     checkpoint, = glob.glob(str(in_tmp / "saved" / "SASRec-*.pth"))
