@@ -284,24 +284,13 @@ def test_lightgcn_ddp_validates_and_tests_like_one_process_on_its_checkpoint(tin
     """LightGCN + dns under 2-process CPU DDP: training, RecBole's full-sort evaluation sharded over the
     processes (general batches: interaction, history_index, positive_u, positive_i), and results equal to one
     process's evaluation of the checkpoint it saved."""
-    from test_sharded_eval import _logged, ddp_cli_run
-
-    from recbole_mdcns.trainer import NegSamplingTrainer
+    from test_sharded_eval import assert_log_matches_checkpoint, ddp_cli_run
 
     config = general_config(tiny_data, in_tmp, "LightGCN", neg_sampler="dns", candidate_num=10, eval_batch_size=7,
                             state="INFO", metric_decimal_place=12)
     log = ddp_cli_run(in_tmp, "LightGCN", config)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log and log.count("epoch 0 training") == 1
-
-    checkpoint, = glob.glob(str(in_tmp / "saved" / "LightGCN-*.pth"))
-    config = create_config("LightGCN", "tiny", config_dict=config)
-    init_seed(config["seed"], config["reproducibility"])  # RecBole's random split (RS) draws from the seed
-    train, valid, test = data_preparation(config, create_dataset(config))
-    trainer = NegSamplingTrainer(config, get_model("LightGCN")(config, train._dataset))
-    trainer.eval_collector.data_collect(train)
-    for head, data in (("best valid", valid), ("test result", test)):
-        result = trainer.evaluate(data, model_file=checkpoint)
-        assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
+    assert_log_matches_checkpoint(in_tmp, "LightGCN", config, log)
 
 
 def test_history_mask_is_refused_for_a_general_model(tiny_data, in_tmp):

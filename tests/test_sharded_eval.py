@@ -95,6 +95,20 @@ def ddp_cli_run(folder: Path, model: str, config: dict) -> str:
     return out.stdout + out.stderr
 
 
+def assert_log_matches_checkpoint(folder: Path, model: str, config_dict: dict, log: str) -> None:
+    """The best-valid and test results a run logged equal one process's evaluation of the checkpoint it saved
+    in ``folder / saved``, on the data built again from ``config_dict`` (seeded: RecBole's random splits draw)."""
+    checkpoint, = glob.glob(str(folder / "saved" / f"{model}-*.pth"))
+    config = create_config(model, "tiny", config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    trainer = NegSamplingTrainer(config, get_model(model)(config, train._dataset))
+    trainer.eval_collector.data_collect(train)
+    for head, data in (("best valid", valid), ("test result", test)):
+        result = trainer.evaluate(data, model_file=checkpoint)
+        assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
+
+
 def test_ddp_run_validates_and_tests_like_one_process_on_its_checkpoint(tiny_data, in_tmp):
     """MDCNS under 2-process CPU DDP (self, peer and ensemble validation sharded): its best-valid and
     test results equal one process's evaluation of the checkpoint it saved."""
@@ -102,11 +116,4 @@ def test_ddp_run_validates_and_tests_like_one_process_on_its_checkpoint(tiny_dat
     log = ddp_cli_run(in_tmp, "SASRec", config)
     assert "peer valid result" in log and "ensemble valid result" in log
 
-    checkpoint, = glob.glob(str(in_tmp / "saved" / "SASRec-*.pth"))
-    config = create_config("SASRec", "tiny", config_dict=config)
-    train, valid, test = data_preparation(config, create_dataset(config))
-    trainer = NegSamplingTrainer(config, get_model("SASRec")(config, train._dataset))
-    trainer.eval_collector.data_collect(train)
-    for head, data in (("best valid", valid), ("test result", test)):
-        result = trainer.evaluate(data, model_file=checkpoint)
-        assert _logged(log, head) == {key: repr(value) for key, value in result.items()}
+    assert_log_matches_checkpoint(in_tmp, "SASRec", config, log)
