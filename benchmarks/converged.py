@@ -45,13 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks.common import REPO_ROOT, command_line
 from benchmarks.report import Row, _bar_panel, _fmt, _mean_std, _save, _slug, load
 
 ROLES = ("proposed", "baseline", "reference")  # a family's role (module docstring)
-from benchmarks.run import Cell, load_grid
+from benchmarks.run import Cell, load_grid, read_grid
 
 DEFAULTS = {"metric": "ndcg@10", "tuning_seed": 2020, "seeds": [2020, 2021, 2022]}
 
@@ -108,7 +107,7 @@ def _label_seed_records(cells, records_by_key) -> dict[tuple[str, int], dict]:
 def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
     """The evidence of every dataset (and model, where the grid has several) of one grid file, families
     chosen on validation."""
-    raw = yaml.safe_load(Path(grid_path).read_text()) or {}
+    raw = read_grid(grid_path)
     spec = {**DEFAULTS, **(raw.get("selection") or {})}
     if not spec.get("families"):
         raise ValueError(f"{grid_path}: no selection.families -- nothing to choose")
@@ -232,20 +231,25 @@ def user_values(ranks: list[int], metric: str) -> np.ndarray:
 
 def users_interval(a: Family, b: Family, metric: str, split: str = "test", resamples: int = 2000,
                    ) -> tuple[float, float, float, int, int] | None:
-    """``a - b`` over users: each user's difference averaged over the seeds both have, its mean and a
-    95% percentile bootstrap interval over users -- (mean, low, high, users, seeds). The users are the
-    same on every seed, so more seeds do not shrink this part of the noise. ``None`` unless every
-    shared seed's two records hold per-user ranks (``user_ranks``) for ``split``."""
+    """``a - b`` over users: each row's difference averaged over the seeds both have, its mean and a
+    95% percentile bootstrap interval that resamples users -- a user with several rows (``<split>_users``
+    in ``user_ranks``: the authors' prefix rows) with all of them -- as (mean, low, high, users, seeds).
+    The users are the same on every seed, so more seeds do not shrink this part of the noise. ``None``
+    unless every shared seed's two records hold per-user ranks (``user_ranks``) for ``split``."""
     seeds = sorted(set(a.records) & set(b.records))
     ranks = [((a.records[s].get("user_ranks") or {}).get(split), (b.records[s].get("user_ranks") or {}).get(split))
              for s in seeds]
     if not seeds or any(ra is None or rb is None for ra, rb in ranks):
         return None
-    per_user = np.mean([user_values(ra, metric) - user_values(rb, metric) for ra, rb in ranks], axis=0)
+    per_row = np.mean([user_values(ra, metric) - user_values(rb, metric) for ra, rb in ranks], axis=0)
+    users = (a.records[seeds[0]]["user_ranks"].get(f"{split}_users") or list(range(len(per_row))))
+    _, group = np.unique(np.asarray(users), return_inverse=True)
+    sums, counts = np.bincount(group, weights=per_row), np.bincount(group).astype(float)
     rng = np.random.default_rng(0)
-    means = per_user[rng.integers(0, len(per_user), size=(resamples, len(per_user)))].mean(axis=1)
+    drawn = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return float(per_user.mean()), float(low), float(high), len(per_user), len(seeds)
+    return float(per_row.mean()), float(low), float(high), len(sums), len(seeds)
 
 
 def _fmt_interval(interval: tuple[float, float, float, int, int] | None) -> str:

@@ -46,6 +46,7 @@ class TrainingProbe:
         self._valid_depth = 0
         self._best_valid: tuple[float, int, list[int] | None] | None = None  # (score, epoch, ranks)
         self.test_ranks: list[int] | None = None
+        self.row_users: dict[str, list[int]] = {}              # split -> each evaluated row's user, in rank order
         self._patches: list[tuple[type, str, object]] = []
 
     # -- patching ---------------------------------------------------------------------------
@@ -96,8 +97,11 @@ class TrainingProbe:
             def wrapper(trainer, *args, **kwargs):
                 probe._last_ranks = None
                 out = original(trainer, *args, **kwargs)
-                if trainer is probe.trainer and trainer.model is probe.self_model and not probe._valid_depth:
-                    probe.test_ranks = probe._last_ranks  # the run's last such call is its test
+                if trainer is probe.trainer and trainer.model is probe.self_model:
+                    split = "valid" if probe._valid_depth else "test"
+                    probe._keep_row_users(split, args[0] if args else kwargs.get("eval_data"))
+                    if split == "test":
+                        probe.test_ranks = probe._last_ranks  # the run's last such call is its test
                 return out
             return wrapper
 
@@ -168,6 +172,19 @@ class TrainingProbe:
     def _bigger(self) -> bool:
         return bool(self.config["valid_metric_bigger"]) if self.config is not None else True
 
+    def _keep_row_users(self, split: str, eval_data) -> None:
+        """Each evaluated row's user, where a user has several rows (the authors' prefix rows): the
+        bootstrap over users then resamples users with all their rows. Sequential full-sort loaders
+        score the dataset's rows in order; other loaders (one row per user) need no grouping."""
+        if split in self.row_users or self._last_ranks is None:
+            return
+        dataset = getattr(eval_data, "_dataset", None)
+        if dataset is None or getattr(eval_data, "is_sequential", False) is False:
+            return
+        users = dataset.inter_feat[dataset.uid_field].tolist()
+        if len(users) == len(self._last_ranks) and len(set(users)) < len(users):
+            self.row_users[split] = users
+
     def user_ranks(self, best_epoch: int | None) -> dict | None:
         """Per-user ranks of the held-out item (RecBole's user order): the test, and the validation
         at ``best_epoch`` (``None`` when this process did not see that epoch, e.g. a resumed run)."""
@@ -176,7 +193,8 @@ class TrainingProbe:
         best = self._best_valid
         valid = best[2] if best is not None and best[1] == best_epoch else None
         return {"top": max(self.config["topk"]) if self.config is not None else None,
-                "valid": valid, "test": self.test_ranks}
+                "valid": valid, "test": self.test_ranks,
+                **{f"{split}_users": users for split, users in self.row_users.items()}}
 
     # -- results ----------------------------------------------------------------------------
     def best_epoch(self) -> int | None:

@@ -43,6 +43,10 @@ The grid file (YAML)::
     seeds: [2020, 2021, 2022]
     baselines: [uniform, dns]            # default: labels whose neg_sampler is uniform|popularity|dns|recbole
 
+A dataset entry's ``user_split: {inter: PATH, seed: S, ratios: [..], heldout: last|prefixes, max_len: N}``
+(or ``assignment:`` in place of seed and ratios) runs it in the MDCNS authors' protocol: the options of
+``python -m recbole_mdcns.user_split``, whose files are written once under ``benchmarks/.work/data/`` and
+whose settings (benchmark files, ``eval_mask_history: true`` unless the grid sets it) every cell gets.
 An entry's settings may name ``dataset:`` / ``model:`` to use a label other than
 the RecBole name. Settings merge as preset < config < dataset < model < sampler < seed.
 """
@@ -79,6 +83,9 @@ BASELINE_SAMPLERS = ("uniform", "popularity", "dns", "recbole")
 # settings that change how a cell logs or where it writes, not what it computes: not part of its key
 NON_SEMANTIC = ("checkpoint_dir", "state", "show_progress", "log_wandb", "worker")
 RESULT_TAG = "BENCHMARK_CELL_DONE "
+SPLIT_DATA = REPO_ROOT / "benchmarks" / ".work" / "data"  # user_split: datasets' files, rebuilt when absent
+USER_SPLIT = "user_split"
+USER_SPLIT_OPTIONS = ("inter", "seed", "ratios", "assignment", "heldout", "max_len")
 PARKED = REPO_ROOT / "benchmarks" / "parked"  # unfinished cells' checkpoints, committed between sessions
 
 
@@ -96,6 +103,7 @@ class Cell:
     config: dict                    # as written in the grid (relative data_path kept)
     results: str                    # absolute path of the results file
     data_path: str | None = None    # absolute data_path (the config keeps the grid's spelling)
+    split: dict | None = None       # a dataset's ``user_split:`` with an absolute ``inter`` (config: as written)
     key: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -118,12 +126,39 @@ class Cell:
         config = copy.deepcopy(self.config)
         if self.data_path:
             config["data_path"] = self.data_path
+        if self.split is not None:
+            written = user_split_config(self.dataset, config.pop(USER_SPLIT), self.split)
+            config.update({k: v for k, v in written.items() if not (k == "eval_mask_history" and k in self.config)})
         saved = workdir / self.key / "saved"
         config["checkpoint_dir"] = str(saved)
         resume = (last_checkpoint(saved) or unpark(self, saved)) if resume else None
         if resume is not None:  # an earlier attempt was killed (e.g. a session ended): go on from its last epoch
             config["resume_from"] = str(resume)
         return config
+
+
+def user_split_config(dataset: str, spec: dict, resolved: dict) -> dict:
+    """The RecBole settings that load a grid dataset's ``user_split:`` files (``spec`` as the grid writes it,
+    ``resolved`` with an absolute ``inter``), written by ``python -m recbole_mdcns.user_split`` once into
+    ``benchmarks/.work/data/<dataset>-<hash of spec>/`` and reused by every cell and driver after."""
+    from recbole_mdcns import user_split
+
+    out = SPLIT_DATA / f"{dataset}-{_hash(spec)}"
+    settings = out / dataset / f"{dataset}.yaml"
+    if not settings.exists():
+        argv = ["--inter", resolved["inter"], "--out", str(out), "--name", dataset]
+        for option in USER_SPLIT_OPTIONS[1:]:
+            value = resolved.get(option)
+            if value is not None:
+                argv += [f"--{option.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                user_split.main(argv)
+        except (SystemExit, OSError):
+            if not settings.exists():  # not another driver writing the same split at the same time
+                raise ValueError(f"datasets: {dataset}: python -m recbole_mdcns.user_split {' '.join(argv)} failed")
+    with open(settings) as f:
+        return yaml.safe_load(f)
 
 
 def last_checkpoint(saved: Path) -> Path | None:
@@ -213,12 +248,32 @@ def _entries(raw, name_key: str | None, what: str) -> list[tuple[str, str | None
     return out
 
 
+def read_grid(path: str | Path) -> dict:
+    """A grid file's mapping. ``extends: OTHER.yaml`` (beside it) takes every key of that grid but ``name``,
+    this file's keys replacing its keys -- but ``config`` and ``samplers`` are merged into the other's, and so
+    is ``selection`` key by key, its ``families``, ``priority`` and ``claims`` lists appended to the other's."""
+    path = Path(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if "extends" not in raw:
+        return raw
+    parent = read_grid(path.parent / raw.pop("extends"))
+    parent.pop("name", None)
+    for key in ("config", "samplers"):
+        if key in raw and key in parent:
+            raw[key] = {**parent[key], **raw[key]}
+    if "selection" in raw and "selection" in parent:
+        appended = {k: list(parent["selection"].get(k) or []) + list(raw["selection"][k])
+                    for k in ("families", "priority", "claims") if k in raw["selection"]}
+        raw["selection"] = {**parent["selection"], **raw["selection"], **appended}
+    return {**parent, **raw}
+
+
 def load_grid(path: str | Path, preset: str | None = None, seeds: list[int] | None = None,
               results: str | None = None) -> list[Cell]:
     """Every cell of a grid file, in run order (dataset, model, seed, sampler)."""
     path = Path(path)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_grid(path)
     name = raw.get("name", path.stem)
     preset = preset or raw.get("preset")
     base = preset_settings(preset) if preset else {}
@@ -238,11 +293,17 @@ def load_grid(path: str | Path, preset: str | None = None, seeds: list[int] | No
                         role = "baseline" if s_label in baselines else "proposed"
                     else:
                         role = "baseline" if config["neg_sampler"] in BASELINE_SAMPLERS else "proposed"
+                    split = config.get(USER_SPLIT)
+                    if split is not None:
+                        if not isinstance(split, dict) or "inter" not in split or set(split) - set(USER_SPLIT_OPTIONS):
+                            raise ValueError(f"{path}: datasets: {d_label}: {USER_SPLIT} takes inter (required) and "
+                                             f"{list(USER_SPLIT_OPTIONS[1:])}, got {split!r}")
+                        split = {**split, "inter": os.path.abspath(split["inter"])}
                     cells.append(Cell(grid=name, preset=preset, sampler=s_label, model_label=m_label, model=model,
                                       dataset_label=d_label, dataset=dataset, seed=int(seed), role=role,
                                       config=copy.deepcopy(config), results=results,
                                       data_path=os.path.abspath(config["data_path"]) if config.get("data_path")
-                                      else None))
+                                      else None, split=split))
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: two cells have the same settings (duplicate labels or seeds?)")

@@ -582,3 +582,62 @@ def test_a_reference_family_is_never_the_best_baseline(tmp_path):
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     with pytest.raises(ValueError, match=r"role must be one of \['proposed', 'baseline', 'reference'\], got 'bar'"):
         converged.build(str(path), records)
+
+
+def test_a_grid_extends_another_and_runs_a_dataset_in_the_authors_protocol(tmp_path, monkeypatch):
+    """``extends:`` takes the other grid, merging config, samplers and selection; a dataset's ``user_split:``
+    writes the split once (under the harness's data folder) and each cell trains on it with the history mask,
+    recording each evaluated row's user where a user has several rows (every prefix held out)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "SPLIT_DATA", tmp_path / "split-data")
+    write_dataset(tmp_path / "data")
+    base = {"name": "base", "preset": "smoke", "results": str(tmp_path / "base.jsonl"), "config": {"epochs": 1},
+            "datasets": {"tiny": {"data_path": str(tmp_path / "data")}}, "models": ["SASRec"],
+            "samplers": {"uniform": {"neg_sampler": "uniform"}},
+            "selection": {"metric": "ndcg@10", "families": [{"name": "RNS", "members": ["uniform"]}],
+                          "claims": []}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    split = {"inter": "data/tiny/tiny.inter", "seed": 3, "ratios": [0.6, 0.2, 0.2], "heldout": "prefixes"}
+    child = {"extends": "base.yaml", "results": str(tmp_path / "authors.jsonl"), "config": {"stopping_step": 30},
+             "datasets": {"tiny-users": {"user_split": split}},
+             "samplers": {"dns": {"neg_sampler": "dns", "candidate_num": 5}},
+             "selection": {"metric": "ndcg@20", "families": [{"name": "DNS", "members": ["dns"]}]}}
+    grid = tmp_path / "child.yaml"
+    grid.write_text(yaml.safe_dump(child))
+    raw = run.read_grid(grid)
+    assert raw["config"] == {"epochs": 1, "stopping_step": 30} and set(raw["samplers"]) == {"uniform", "dns"}
+    assert raw["selection"]["metric"] == "ndcg@20" and raw["selection"]["claims"] == []
+    assert [f["name"] for f in raw["selection"]["families"]] == ["RNS", "DNS"]
+    cells = run.load_grid(grid)
+    assert [c.sampler for c in cells] == ["uniform", "dns"] and cells[0].grid == "child"
+    assert cells[0].split["inter"] == str(tmp_path / "data" / "tiny" / "tiny.inter")
+
+    records = run.main(["--grid", str(grid), "--workdir", str(tmp_path / "work"), "--allow-dirty", "--in-process"])
+    assert [r["status"] for r in records] == ["ok", "ok"], [r.get("traceback") for r in records]
+    (folder,) = (tmp_path / "split-data").iterdir()  # written once, shared by both cells
+    assert (folder / "tiny-users" / "tiny-users.train.inter").exists()
+    for r in records:
+        assert r["run_config"]["eval_mask_history"] is True and r["run_config"]["benchmark_filename"]
+        assert "user_split" not in r["run_config"] and r["config"]["user_split"] == split
+        ranks = r["user_ranks"]
+        users = ranks["test_users"]  # every prefix of a test user: several rows per user
+        assert len(users) == len(ranks["test"]) > len(set(users))
+    with pytest.raises(ValueError, match="user_split takes inter"):
+        child["datasets"]["tiny-users"]["user_split"] = {"seed": 3}
+        grid.write_text(yaml.safe_dump(child))
+        run.load_grid(grid)
+
+
+def test_the_bootstrap_over_users_resamples_a_users_rows_together():
+    def family(name, ranks, users):
+        return converged.Family(name, "proposed", [name], records={
+            2020: {"user_ranks": {"test": ranks, "valid": None, "test_users": users}}})
+
+    # 10 users, each with 10 identical rows: 100 rows, but only 10 independent units
+    a = family("a", [1] * 50 + [0] * 50, [u for u in range(10) for _ in range(10)])
+    b = family("b", [0] * 100, None)
+    mean, low, high, users, _ = converged.users_interval(a, b, "ndcg@10")
+    assert users == 10 and mean == pytest.approx(0.5)
+    rows = family("rows", [1] * 50 + [0] * 50, None)  # the same rows taken as 100 users
+    _, row_low, row_high, row_users, _ = converged.users_interval(rows, b, "ndcg@10")
+    assert row_users == 100 and (high - low) > 2 * (row_high - row_low)  # grouped: a far wider interval
