@@ -43,7 +43,7 @@ The grid file (YAML)::
     seeds: [2020, 2021, 2022]
     baselines: [uniform, dns]            # default: labels whose neg_sampler is uniform|popularity|dns|recbole
 
-A dataset entry's ``user_split: {inter: PATH, seed: S, ratios: [..], heldout: last|prefixes, max_len: N}``
+A dataset entry's ``user_split: {inter: PATH (or ml-100k), seed: S, ratios: [..], heldout: last|prefixes, max_len: N}``
 (or ``assignment:`` in place of seed and ratios) runs it in the MDCNS authors' protocol: the options of
 ``python -m recbole_mdcns.user_split``, whose files are written once under ``benchmarks/.work/data/`` and
 whose settings (benchmark files, ``eval_mask_history: true`` unless the grid sets it) every cell gets.
@@ -128,6 +128,7 @@ class Cell:
             config["data_path"] = self.data_path
         if self.split is not None:
             written = user_split_config(self.dataset, config.pop(USER_SPLIT), self.split)
+            written["load_col"] = {**(config.get("load_col") or {}), **written["load_col"]}  # + e.g. item features
             config.update({k: v for k, v in written.items() if not (k == "eval_mask_history" and k in self.config)})
         saved = workdir / self.key / "saved"
         config["checkpoint_dir"] = str(saved)
@@ -135,6 +136,17 @@ class Cell:
         if resume is not None:  # an earlier attempt was killed (e.g. a session ended): go on from its last epoch
             config["resume_from"] = str(resume)
         return config
+
+
+def _inter_path(inter: str) -> str:
+    """A ``user_split: inter:`` as an absolute path: a file, or the name of a dataset RecBole ships (ml-100k)."""
+    if not os.path.exists(inter) and os.sep not in inter:
+        import recbole
+
+        shipped = Path(recbole.__file__).parent / "dataset_example" / inter / f"{inter}.inter"
+        if shipped.is_file():
+            return str(shipped)
+    return os.path.abspath(inter)
 
 
 def user_split_config(dataset: str, spec: dict, resolved: dict) -> dict:
@@ -298,7 +310,7 @@ def load_grid(path: str | Path, preset: str | None = None, seeds: list[int] | No
                         if not isinstance(split, dict) or "inter" not in split or set(split) - set(USER_SPLIT_OPTIONS):
                             raise ValueError(f"{path}: datasets: {d_label}: {USER_SPLIT} takes inter (required) and "
                                              f"{list(USER_SPLIT_OPTIONS[1:])}, got {split!r}")
-                        split = {**split, "inter": os.path.abspath(split["inter"])}
+                        split = {**split, "inter": _inter_path(split["inter"])}
                     cells.append(Cell(grid=name, preset=preset, sampler=s_label, model_label=m_label, model=model,
                                       dataset_label=d_label, dataset=dataset, seed=int(seed), role=role,
                                       config=copy.deepcopy(config), results=results,

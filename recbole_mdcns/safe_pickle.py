@@ -11,7 +11,8 @@ tells apart what a file may do with each (a global in a pickle is either *called
   e.g. a dataloader cache) replaced by a ``weights_only=True`` load of the storage, numpy's
   array / scalar / dtype rebuilders, RecBole's enums,
   pandas' block, block-manager and index rebuilders, ``logging.getLogger``, ``slice``,
-  ``frozenset``, ``range``, ``pathlib`` paths, and ``getattr(obj, name)`` only to take a
+  ``frozenset``, ``range``, ``collections.defaultdict`` (a dataset loaded from benchmark files holds one;
+  its factory must be an allowed global: ``int``), ``pathlib`` paths, and ``getattr(obj, name)`` only to take a
   bound method of a RecBole object (a dataloader's ``collate_fn``), never a dunder;
 * instantiated (``cls.__new__`` + its pickled state): RecBole's ``Config``, ``Interaction``,
   datasets, dataloaders, samplers and transforms; ``torch.nn`` and ``recbole.model`` modules
@@ -59,6 +60,8 @@ _FIXED_NAMES = {
     "builtins.slice": CALL,
     "builtins.frozenset": CALL,
     "builtins.range": CALL,
+    "builtins.int": REFERENCE,  # a defaultdict's default factory
+    "collections.defaultdict": CALL,  # a dataset's field2seqlen after benchmark files (its factory checked too)
     "logging.getLogger": CALL,
     **{f"pathlib.{name}": CALL for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")},
     "pandas._libs.internals._unpickle_block": CALL,

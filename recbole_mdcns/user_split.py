@@ -18,7 +18,9 @@ user, item and (optionally) time columns, the three files RecBole loads with
   items before its ``item_id_list``, so that ``eval_mask_history`` masks the whole prefix;
 * ``NAME.yaml`` -- ``benchmark_filename``, ``load_col`` (which must keep ``item_id_list``),
   ``alias_of_item_id`` (else ``item_id_list`` gets an id space of its own), eval order ``TO`` (RecBole's
-  sequential datasets require it), ``MAX_ITEM_LIST_LENGTH`` and ``eval_mask_history: true``.
+  sequential datasets require it), ``MAX_ITEM_LIST_LENGTH`` and ``eval_mask_history: true``;
+* ``NAME.item`` (``.user``, ``.kg``, ...) -- a copy of each atomic file beside ``--inter`` with its name,
+  for models that read features (add the file's suffix to ``load_col`` to load it).
 
 Users are shuffled by ``--seed`` and cut by ``--ratios`` as the authors cut them (``int(n * r)`` training
 and validation users, the rest test), or taken from ``--assignment`` (a file, or the name of a packaged
@@ -52,6 +54,7 @@ from recbole_mdcns.benchmark_files import (
 )
 
 HELDOUT = ("last", "prefixes")
+SIDE_SUFFIXES = ("item", "user", "kg", "link", "ent", "rel")  # atomic files beside the .inter, copied as they are
 ASSIGNMENT_FOLDER = Path(__file__).resolve().parent / "splits"
 
 
@@ -201,11 +204,22 @@ def _rows(seq: Sequences, users: np.ndarray, max_len: int, every_prefix: bool) -
     return lines, history
 
 
+def side_files(inter: str | os.PathLike) -> dict[str, Path]:
+    """The atomic files beside ``inter`` that share its name (``NAME.item``, ``NAME.user``, a knowledge
+    graph's ``.kg`` / ``.link`` / ``.ent`` / ``.rel``), by suffix: features some models need (FDSA, SASRecF,
+    GRU4RecF read item features), copied unchanged next to the split's files."""
+    inter = Path(inter)
+    found = {suffix: inter.with_suffix(f".{suffix}") for suffix in SIDE_SUFFIXES}
+    return {suffix: path for suffix, path in found.items() if path.is_file()}
+
+
 def write_split(seq: Sequences, split: tuple[np.ndarray, np.ndarray, np.ndarray], out: str | os.PathLike,
-                name: str, heldout: str, max_len: int, command: str = "") -> Written:
-    """Write ``out/name/``: the three benchmark files, ``name.history`` where needed and ``name.yaml``
-    (see the module docstring). The files appear only once all are written; ``ValueError`` (nothing
-    written) for a bad ``heldout`` / ``max_len`` or an ``out/name`` that already holds files."""
+                name: str, heldout: str, max_len: int, command: str = "",
+                side: dict[str, Path] | None = None) -> Written:
+    """Write ``out/name/``: the three benchmark files, ``name.history`` where needed, ``name.yaml`` (see the
+    module docstring) and a copy of each ``side`` file as ``name.<suffix>``. The files appear only once
+    all are written; ``ValueError`` (nothing written) for a bad ``heldout`` / ``max_len`` or an ``out/name``
+    that already holds files."""
     if heldout not in HELDOUT:
         raise ValueError(f"--heldout must be one of {list(HELDOUT)}, got {heldout!r}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -231,6 +245,8 @@ def write_split(seq: Sequences, split: tuple[np.ndarray, np.ndarray, np.ndarray]
     try:
         for file, text in contents.items():
             (staging / file).write_text(text, encoding="utf-8")
+        for suffix, source in (side or {}).items():
+            shutil.copyfile(source, staging / f"{name}.{suffix}")
         if folder.exists():
             folder.rmdir()  # empty (checked above)
         staging.rename(folder)
@@ -319,12 +335,15 @@ def main(argv: list[str] | None = None) -> Written:
             check_ratios(ratios, len(seq.users))
             split = shuffled_split(len(seq.users), 2020 if args.seed is None else args.seed, ratios)
         command = "python -m recbole_mdcns.user_split " + " ".join(sys.argv[1:] if argv is None else argv)
-        written = write_split(seq, split, args.out, args.name, args.heldout, args.max_len, command)
+        side = side_files(args.inter)
+        written = write_split(seq, split, args.out, args.name, args.heldout, args.max_len, command, side)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     print(f"wrote {written.folder}:")
     for part in SPLITS:
         print(f"  {args.name}.{part}.inter  {written.users[part]:>7} users  {written.rows[part]:>8} rows")
+    for suffix in side:
+        print(f"  {args.name}.{suffix}  copied from beside --inter (load it by adding {suffix!r} to load_col)")
     if written.history_rows:
         print(f"  {args.name}.{HISTORY_SUFFIX}     {written.history_rows:>7} users whose held-out row is cut to "
               f"--max-len {args.max_len}: the items before it")

@@ -151,3 +151,16 @@ def test_real_caches_and_a_checkpoint_holding_a_dataset_load(tiny_data, in_tmp):
 
     config, model, _, _, _, test_data = recbole.quick_start.load_data_and_model(checkpoint)  # through both caches
     assert Trainer(config, model).evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+def test_a_defaultdict_loads_only_with_an_allowed_factory():
+    """RecBole's datasets from benchmark files hold ``defaultdict(int)``; a factory outside the allowed
+    globals is refused before it could ever be called."""
+    import collections
+    import os
+    import pickle
+
+    loaded = safe_pickle.loads(pickle.dumps(collections.defaultdict(int, {"item_id_list": 50})))
+    assert loaded == {"item_id_list": 50} and loaded["unseen"] == 0
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        safe_pickle.loads(pickle.dumps(collections.defaultdict(os.system)))

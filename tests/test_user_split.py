@@ -227,3 +227,20 @@ def test_sequences_follow_time_not_file_order(tmp_path):
     assert [list(seq.items[seq.of(u)]) for u in range(2)] == [["1", "2", "3"], ["1", "2"]]  # ties: file order
     assert list(read_inter(inter, time_field=None).items[:3]) == ["3", "1", "2"]
     assert np.array_equal(seq.length, [3, 2])
+
+
+def test_a_feature_model_trains_on_the_split_and_its_checkpoint_reloads(split_data, tiny_data, in_tmp):
+    """The item features beside the .inter are copied as ``us.item``; SASRecF reads them, and its checkpoint --
+    which holds the dataset, whose ``field2seqlen`` RecBole makes a defaultdict for benchmark files -- loads back
+    through this package's checkpoint loader."""
+    import recbole.quick_start
+
+    assert (split_data / "us" / "us.item").read_text() == (tiny_data / "tiny" / "tiny.item").read_text()
+    settings = _settings(split_data, neg_sampler="uniform", selected_features=["categories"], epochs=1,
+                         load_col={**yaml.safe_load((split_data / "us" / "us.yaml").read_text())["load_col"],
+                                   "item": ["item_id", "categories"]}, checkpoint_dir=str(in_tmp / "saved"))
+    result = run_recbole("SASRecF", "us", config_dict=settings)
+    (checkpoint,) = (in_tmp / "saved").glob("SASRecF-*.pth")
+    _, _, _, _, _, test_data = recbole.quick_start.load_data_and_model(str(checkpoint))
+    assert len(test_data.dataset) == len(_read(split_data / "us" / "us.test.inter"))
+    assert result["test_result"]["ndcg@10"] >= 0
