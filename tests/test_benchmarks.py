@@ -641,3 +641,34 @@ def test_the_bootstrap_over_users_resamples_a_users_rows_together():
     rows = family("rows", [1] * 50 + [0] * 50, None)  # the same rows taken as 100 users
     _, row_low, row_high, row_users, _ = converged.users_interval(rows, b, "ndcg@10")
     assert row_users == 100 and (high - low) > 2 * (row_high - row_low)  # grouped: a far wider interval
+
+
+def test_their_logs_give_best_epoch_and_test_as_their_code_prints_them():
+    """benchmarks.studies.side_by_side reads the MDCNS authors' logs: the self model's validation per epoch and
+    the final test (MDCNS), the validation per epoch and the test after the switch to the test matrix (DNS+)."""
+    from benchmarks.studies.side_by_side import compare, parse_log
+
+    def line(epoch, hit10, ndcg10, ndcg20):
+        return (f"{{'Epoch': {epoch}, 'HIT@5': '0.01', 'NDCG@5': '0.01', 'HIT@10': '{hit10}', 'NDCG@10': '{ndcg10}', "
+                f"'HIT@20': '0.3', 'NDCG@20': '{ndcg20}'}}")
+
+    mdcns = []
+    for epoch, score in enumerate([0.10, 0.12, 0.11]):
+        mdcns += [f"---- Validation for Epoch {epoch} ----", line(epoch, 0.2, 0.09, 0.5), "",
+                  f"Model 1 (SASRec) Results: {line(epoch, 0.2, 0.09, score)}",
+                  f"Model 2 (GRU4Rec) Results: {line(epoch, 0.2, 0.09, 0.99)}",
+                  f"---- Test for Epoch {epoch} ----", f"Model 1 (SASRec) Results: {line(epoch, 0.2, 0.09, 0.7)}"]
+    with pytest.raises(ValueError, match="not finished"):
+        parse_log("\n".join(mdcns), "MDCNS")
+    mdcns += ["---- Best Validation Scores for Test ----", line(1, 0.2066, 0.1129, 0.1347)]
+    parsed = parse_log("\n".join(mdcns), "MDCNS")
+    assert parsed["valid_ndcg@20"] == [0.10, 0.12, 0.11] and parsed["epochs"] == 3 and parsed["best_epoch"] == 1
+    assert parsed["test"]["ndcg@10"] == 0.1129 and parsed["test"]["recall@10"] == 0.2066
+    dns = [line(0, 0.1, 0.05, 0.02), line(1, 0.1, 0.05, 0.03), line(2, 0.1, 0.05, 0.03),
+           "---------------Change to test_rating_matrix!-------------------", line(0, 0.1856, 0.1006, 0.1217)]
+    parsed = parse_log("\n".join(dns), "DNS+")
+    assert parsed["best_epoch"] == 1 and parsed["test"]["ndcg@10"] == 0.1006  # the first of two equal bests
+    assert compare([0.10, 0.11, 0.12], [0.105]).endswith("inside our seeds' range")
+    assert compare([0.10, 0.11, 0.12], [0.13]).endswith("outside our seeds' range")
+    assert compare([0.100, 0.101, 0.102], [0.100, 0.101, 0.102]).endswith("met")
+    assert compare([0.100, 0.101, 0.102], [0.120, 0.121, 0.122]).endswith("missed")

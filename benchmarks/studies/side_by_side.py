@@ -1,0 +1,170 @@
+"""Question: On the same files and at the same settings, does this package's MDCNS (and DNS+) score what the
+MDCNS authors' released code scores?
+Result: ``record`` appends one of their runs to ``benchmarks/results/authors_code.jsonl`` (read from its log);
+``table`` prints the side-by-side table (their code x ours) that ``benchmarks/REPRODUCTION.md`` holds.
+Findings: benchmarks/REPRODUCTION.md ("Their code beside ours"); how their code is run: docs/authors_code.md.
+
+Their code runs outside this repository (docs/authors_code.md has the commands and the CPU patch). Its log
+is the evidence: ``record`` reads, from an MDCNS log (``MDCNS_Code/main.py``), every epoch's validation of
+the self model and the "Best Validation Scores for Test" line; from a DNS+ log
+(``Baselines/Neg_samples_DNS+``), every epoch's validation and the test after "Change to test_rating_matrix!".
+Their HIT@k is Recall@k here (one held-out item per row). A run without its final test line (still running,
+or stopped) is refused.
+
+``table`` sets their runs beside ours (``benchmarks/results/authors_protocol.jsonl``, grid
+``grids/authors_lastfm.yaml``: ``mdcns-g0.3-t5`` and ``dns-m10`` on all positions at 3 seeds, and the same on
+prefix rows at one seed): mean +- std (sample) of test NDCG@10 and Recall@10, best epochs, ours - theirs +-
+the Welch standard error (sqrt(s1^2/n1 + s2^2/n2); with one run of theirs: our seeds' spread alone), and the
+target -- |difference| <= 2 standard errors and <= 5% of theirs; with one run of theirs, theirs inside the
+range of our seeds -- with the published figure (paper Table 3) and their own logged GPU run beside them.
+
+    python -m benchmarks.studies.side_by_side record LOG --method MDCNS --seed 42 --dataset LastFM \\
+        --command "the command that ran it" [--note "..."]
+    python -m benchmarks.studies.side_by_side table [--dataset LastFM]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import math
+import statistics
+from pathlib import Path
+
+from benchmarks.common import REPO_ROOT, describe_device
+from benchmarks.run import append_result, load_grid, read_results
+
+THEIRS = REPO_ROOT / "benchmarks" / "results" / "authors_code.jsonl"
+GRID = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm.yaml"
+METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
+# method -> (our cell on all positions, our cell on prefix rows)
+OURS = {"MDCNS": ("mdcns-g0.3-t5", "mdcns-prefix"), "DNS+": ("dns-m10", "dns-m10-prefix")}
+# paper Table 3 (NDCG@10) and their own logged GPU runs on their files (test NDCG@10 / Recall@10, best epoch):
+# MDCNS_Code/Exp6_WeaktoStrong (GRU4Rec peer, gamma 0.3, tau 5) and EXP5/cankao_DNS+ (M 10)
+PUBLISHED = {("LastFM", "MDCNS"): 0.1131, ("LastFM", "DNS+"): 0.0943}
+THEIR_LOGS = {("LastFM", "MDCNS"): (0.1129, 0.2066, 144), ("LastFM", "DNS+"): (0.1006, 0.1856, 117)}
+
+
+def _metrics(line: str) -> dict:
+    """``{'Epoch': 3, 'HIT@10': '0.0309', ...}`` (their print) -> {"epoch": 3, "recall@10": 0.0309, ...}."""
+    raw = ast.literal_eval(line[line.index("{"):].strip())
+    out = {"epoch": int(raw["Epoch"])}
+    for key, value in raw.items():
+        if "@" in key:
+            name, k = key.split("@")
+            out[f"{'recall' if name == 'HIT' else name.lower()}@{k}"] = float(value)
+    return out
+
+
+def parse_log(text: str, method: str) -> dict:
+    """Best epoch, epochs run, the validation NDCG@20 curve and the test metrics of one of their logs."""
+    section, valid, test = "validation", [], None
+    for line in text.splitlines():
+        if "Best Validation Scores for Test" in line or "Change to test_rating_matrix" in line:
+            section = "final test"
+        elif "Validation for Epoch" in line:
+            section = "validation"
+        elif "Test for Epoch" in line:
+            section = "test"
+        elif section == "final test" and line.startswith("{'Epoch'") and test is None:
+            test = _metrics(line)
+        # MDCNS: the self model's validation is "Model 1 (...) Results: {...}"; DNS+: one {'Epoch' line an epoch
+        elif section == "validation" and line.startswith("Model 1" if method == "MDCNS" else "{'Epoch'"):
+            valid.append(_metrics(line))
+    if test is None:
+        raise ValueError("the log has no final test line: the run has not finished")
+    curve = [v["ndcg@20"] for v in valid]
+    best = max(range(len(curve)), key=lambda e: (curve[e], -e)) if curve else None  # the first best, as theirs
+    return {"epochs": len(valid), "best_epoch": test["epoch"] if method == "MDCNS" else best,
+            "valid_ndcg@20": curve, "test": {m: test[m] for m in METRICS}}
+
+
+def record(args: argparse.Namespace) -> dict:
+    text = Path(args.log).read_text(errors="replace")
+    parsed = parse_log(text, args.method)
+    entry = {"code": "authors", "method": args.method, "dataset": args.dataset, "seed": args.seed,
+             "command": args.command, "note": args.note, "log_sha256": hashlib.sha256(text.encode()).hexdigest(),
+             "device": describe_device("cpu"), **parsed}
+    append_result(THEIRS, entry)
+    print(f"recorded {args.method} {args.dataset} seed {args.seed}: best epoch {parsed['best_epoch']} of "
+          f"{parsed['epochs']}, test NDCG@10 {parsed['test']['ndcg@10']:.4f}, Recall@10 {parsed['test']['recall@10']:.4f}")
+    return entry
+
+
+def _stats(values: list[float]) -> tuple[float, float | None, int]:
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std, n = _stats(values)
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" (n={n})"
+
+
+def compare(ours: list[float], theirs: list[float]) -> str:
+    """Ours - theirs +- the Welch standard error, and whether the target holds."""
+    if not ours or not theirs:
+        return "–"
+    (m1, s1, n1), (m2, s2, n2) = _stats(ours), _stats(theirs)
+    diff = m1 - m2
+    relative = abs(diff) / m2 if m2 else math.inf
+    if n2 == 1:
+        inside = min(ours) <= m2 <= max(ours)
+        return f"{diff:+.4f} ({relative:.1%}); theirs {'inside' if inside else 'outside'} our seeds' range"
+    se = math.sqrt((s1 or 0.0) ** 2 / n1 + s2 ** 2 / n2)
+    met = abs(diff) <= 2 * se and relative <= 0.05
+    return f"{diff:+.4f} ± {se:.4f} ({relative:.1%}): {'met' if met else 'missed'}"
+
+
+def table(dataset: str = "LastFM") -> str:
+    theirs = [r for r in read_results(THEIRS) if r.get("dataset") == dataset]
+    cells = load_grid(GRID)
+    records = {r["key"]: r for r in read_results(cells[0].results) if r.get("status") == "ok"}
+    by_label: dict[str, list[dict]] = {}
+    for c in cells:
+        if c.key in records:
+            by_label.setdefault(c.sampler, []).append(records[c.key])
+    rows = ["| method | code | rows trained | runs | test NDCG@10 | test Recall@10 | best epochs | ours − theirs, NDCG@10 "
+            "(Welch SE) | ours − theirs, Recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, (all_positions, prefix) in OURS.items():
+        mine_runs = [r for r in theirs if r["method"] == method]
+        their = {m: [r["test"][m] for r in mine_runs] for m in ("ndcg@10", "recall@10")}
+        rows.append(f"| {method} | theirs (CPU, our files) | prefix rows | {len(mine_runs)} | {_cell(their['ndcg@10'])} | "
+                    f"{_cell(their['recall@10'])} | {', '.join(str(r['best_epoch']) for r in mine_runs) or '–'} | | |")
+        for label, rows_trained in ((all_positions, "all positions"), (prefix, "prefix rows")):
+            ours = by_label.get(label, [])
+            vals = {m: [r["test"][m] for r in ours] for m in ("ndcg@10", "recall@10")}
+            rows.append(f"| {method} | ours (`{label}`) | {rows_trained} | {len(ours)} | {_cell(vals['ndcg@10'])} | "
+                        f"{_cell(vals['recall@10'])} | {', '.join(str(r['best_epoch']) for r in ours) or '–'} | "
+                        f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
+        logged = THEIR_LOGS.get((dataset, method))
+        if logged:
+            rows.append(f"| {method} | theirs, their logged GPU run (their files, seed 42) | prefix rows | 1 | "
+                        f"{logged[0]:.4f} | {logged[1]:.4f} | {logged[2]} | | |")
+        if (dataset, method) in PUBLISHED:
+            rows.append(f"| {method} | published (Table 3) | | | {PUBLISHED[(dataset, method)]:.4f} | | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.side_by_side", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    rec = sub.add_parser("record", help="append one of their finished runs, read from its log")
+    rec.add_argument("log")
+    rec.add_argument("--method", choices=sorted(OURS), required=True)
+    rec.add_argument("--dataset", default="LastFM")
+    rec.add_argument("--seed", type=int, required=True)
+    rec.add_argument("--command", required=True, help="the command that ran it (docs/authors_code.md)")
+    rec.add_argument("--note", default="")
+    tab = sub.add_parser("table", help="print the side-by-side table")
+    tab.add_argument("--dataset", default="LastFM")
+    args = parser.parse_args(argv)
+    if args.what == "record":
+        record(args)
+    else:
+        print(table(args.dataset))
+
+
+if __name__ == "__main__":
+    main()
