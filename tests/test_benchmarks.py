@@ -672,3 +672,24 @@ def test_their_logs_give_best_epoch_and_test_as_their_code_prints_them():
     assert compare([0.10, 0.11, 0.12], [0.13]).endswith("outside our seeds' range")
     assert compare([0.100, 0.101, 0.102], [0.100, 0.101, 0.102]).endswith("met")
     assert compare([0.100, 0.101, 0.102], [0.120, 0.121, 0.122]).endswith("missed")
+
+
+def test_a_driver_given_a_results_file_writes_there_and_schedules_from_it(tmp_path, monkeypatch):
+    """``benchmarks.converged --run --results F`` (a driver run from another checkout, recording into the main
+    one): each cell's record goes to F, so the chosen setting's further seeds are scheduled from it."""
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data")
+    grid = {"name": "drv", "preset": "smoke", "results": str(tmp_path / "grid-own.jsonl"), "config": {"epochs": 1},
+            "datasets": {"tiny": {"data_path": str(tmp_path / "data")}}, "models": ["SASRec"],
+            "samplers": {"u": {"neg_sampler": "uniform"}},
+            "selection": {"seeds": [2020, 2021], "families": [{"name": "RNS", "members": ["u"]}], "claims": []}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    elsewhere = tmp_path / "main-checkout.jsonl"
+    converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), "--allow-dirty",
+                    "--out", str(tmp_path / "page.md"), "--plots", str(tmp_path / "plots")])
+    records = run.read_results(elsewhere)
+    assert sorted(r["cell"]["seed"] for r in records if r["status"] == "ok") == [2020, 2021]
+    assert not (tmp_path / "grid-own.jsonl").exists()
+    with pytest.raises(SystemExit, match="one results file"):
+        converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), str(elsewhere) + "2"])
