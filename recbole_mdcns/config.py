@@ -14,7 +14,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from recbole.config import Config
 from recbole.utils import ModelType
 
-from recbole_mdcns import history_mask
+from recbole_mdcns import eval_prefixes, history_mask
 from recbole_mdcns.benchmark_files import check_benchmark_config
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
 from recbole_mdcns.general import GENERAL_MODELS, unsupported_model_message
@@ -150,6 +150,7 @@ def validate(config: Config, user: dict) -> None:
         check_number(config, "torch_threads", 1, integer=True)
     check_number(config, "neg_num", 1, integer=True)
     history_mask.check_config(config)
+    eval_prefixes.check_config(config)
     if draws_pool and config["neg_num"] > config["candidate_num"]:
         raise ValueError(f"neg_num must be <= candidate_num (each row's neg_num negatives come from its pool of "
                          f"candidate_num items), got neg_num={config['neg_num']}, "

@@ -27,6 +27,8 @@ from recbole_mdcns.full_sequence import (
     trim_batch,
     user_sequences,
 )
+from recbole_mdcns import eval_prefixes
+from recbole_mdcns.eval_prefixes import SharedPrefixes
 from recbole_mdcns.general import epoch_start, graphs_kept, is_general
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.progress import RecBoleProgressBar
@@ -274,6 +276,7 @@ class NegSamplingTrainer(Trainer):
         self.epoch_seconds: dict[int, float] = {}
         self.best_epoch: int | None = None
         self.datamodule: RecBoleTrainData | None = None
+        self.shared_prefixes = SharedPrefixes() if config[eval_prefixes.KEY] else None
 
     def build_module(self) -> NegativeSamplingModule:
         return get_sampler(self.config["neg_sampler"]).cls(self.model, self.optimizer, self.config)
@@ -323,6 +326,11 @@ class NegSamplingTrainer(Trainer):
         the per-user results are gathered in user order (no padding, no user twice) and RecBole's evaluator
         runs on all of them in every process: the metrics equal one process's, and every process gets them
         (validation, early stopping and MDCNS's peer / ensemble validation stay in step)."""
+        shared = self.shared_prefixes.applied(self.model) if self.shared_prefixes else contextlib.nullcontext()
+        with shared:
+            return self._evaluate(eval_data, load_best_model, model_file, show_progress)
+
+    def _evaluate(self, eval_data, load_best_model, model_file, show_progress):
         world = _world_size()
         if world == 1 or not eval_data or len(eval_data) < world:
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)
