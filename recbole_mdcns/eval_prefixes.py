@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 from recbole.data.interaction import Interaction
 
+from recbole_mdcns.full_sequence import whole_output
+
 KEY = "eval_shared_prefixes"
 
 
@@ -61,15 +63,6 @@ def _forward_gives(model, value: torch.Tensor) -> Iterator[None]:
         del model.forward
 
 
-@contextlib.contextmanager
-def _whole_output(model) -> Iterator[None]:
-    model.gather_indexes = lambda output, gather_index: output
-    try:
-        yield
-    finally:
-        del model.gather_indexes
-
-
 def _reads_the_sequence_only(model) -> bool:
     params = inspect.signature(type(model).forward).parameters.values()
     required = [p.name for p in params if p.default is inspect.Parameter.empty and p.name != "self"]
@@ -93,7 +86,7 @@ class SharedPrefixes:
         encoded, where = torch.unique(cover, return_inverse=True)
         if len(encoded) == len(cover):
             return None
-        with _whole_output(model):
+        with whole_output(model):
             out = type(model).forward(model, seq[encoded], seq_len[encoded])
         if out.dim() != 3 or out.shape[:2] != (len(encoded), seq.shape[1]):
             raise ValueError(f"forward() gives {tuple(out.shape)}, not one vector per position")

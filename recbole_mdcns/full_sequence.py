@@ -253,7 +253,7 @@ class WindowCollate:
 
 # --------------------------------------------------------------------------- encoding every position
 @contextlib.contextmanager
-def _whole_output(model):
+def whole_output(model):
     """``model.gather_indexes`` returns its input unchanged: a ``forward`` that ends by reading
     ``[B, L, d]`` at ``item_seq_len - 1`` then returns the whole ``[B, L, d]``."""
     model.gather_indexes = lambda output, gather_index: output
@@ -267,7 +267,7 @@ def positions_output(scorer: DotScorer, model, seq: torch.Tensor, seq_len: torch
                      user: torch.Tensor | None) -> torch.Tensor:
     """``[B, L, d]``: the model's representation after every position of ``seq``, from one pass."""
     by_field = {model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len, getattr(model, "USER_ID", None): user}
-    with _whole_output(model):
+    with whole_output(model):
         out = model.forward(*(by_field[field] for field in scorer.fields))
     if out.dim() != 3 or out.shape[:2] != seq.shape:
         raise ValueError(f"forward() gives {tuple(out.shape)}, not one vector per position "
