@@ -693,3 +693,22 @@ def test_a_driver_given_a_results_file_writes_there_and_schedules_from_it(tmp_pa
     assert not (tmp_path / "grid-own.jsonl").exists()
     with pytest.raises(SystemExit, match="one results file"):
         converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), str(elsewhere) + "2"])
+
+
+def test_park_takes_a_converged_grids_further_seeds_too(tmp_path, monkeypatch):
+    """A converged grid lists one seed; its chosen settings' further seeds (``selection.seeds``) are cells
+    too, and ``--park`` keeps theirs when they were stopped."""
+    from recbole_mdcns import run_recbole
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "PARKED", tmp_path / "parked")
+    grid = yaml.safe_load(_grid(tmp_path).read_text())
+    grid["seeds"] = [2020]
+    grid["selection"] = {"seeds": [2020, 2021], "families": [{"name": "RNS", "members": ["uniform"]}]}
+    path = tmp_path / "converged.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    (cell,) = [c for c in run.load_grid(path, seeds=[2021]) if c.sampler == "uniform"]
+    workdir = tmp_path / "work"
+    run_recbole(cell.model, cell.dataset, config_dict=dict(cell.run_config(workdir), epochs=1))
+    run.main(["--grid", str(path), "--park", "--workdir", str(workdir)])
+    assert run.parked_dir(cell).is_dir()
