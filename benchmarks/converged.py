@@ -447,8 +447,13 @@ def todo_commands(e: Evidence) -> list[str]:
 
 
 def plot(e: Evidence, out_dir: Path) -> Path | None:
-    """Two facets: the tuning cells' validation metric, and the chosen settings' test metric over seeds."""
-    import matplotlib
+    """Two facets: the tuning cells' validation metric, and the chosen settings' test metric over seeds;
+    None without matplotlib (the ``bench`` extra): the page then has no figures."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[converged] no plots: matplotlib is in the `bench` extra (pip install -e '.[bench]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
