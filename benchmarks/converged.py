@@ -48,10 +48,9 @@ import numpy as np
 
 from benchmarks.common import REPO_ROOT, command_line
 from benchmarks.report import Row, _bar_panel, _fmt, _mean_std, _save, _slug, load
-
-ROLES = ("proposed", "baseline", "reference")  # a family's role (module docstring)
 from benchmarks.run import Cell, load_grid, read_grid
 
+ROLES = ("proposed", "baseline", "reference")  # a family's role (module docstring)
 DEFAULTS = {"metric": "ndcg@10", "tuning_seed": 2020, "seeds": [2020, 2021, 2022]}
 
 
@@ -104,6 +103,12 @@ def _label_seed_records(cells, records_by_key) -> dict[tuple[str, int], dict]:
     return {(c.sampler, c.seed): records_by_key[c.key] for c in cells if c.key in records_by_key}
 
 
+def protocol_seeds(raw: dict) -> list[int]:
+    """Every seed a grid's ``selection:`` protocol runs: its tuning seed and the chosen settings' seeds."""
+    spec = {**DEFAULTS, **(raw.get("selection") or {})}
+    return sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])})
+
+
 def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
     """The evidence of every dataset (and model, where the grid has several) of one grid file, families
     chosen on validation."""
@@ -111,7 +116,7 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
     spec = {**DEFAULTS, **(raw.get("selection") or {})}
     if not spec.get("families"):
         raise ValueError(f"{grid_path}: no selection.families -- nothing to choose")
-    cells = load_grid(grid_path, seeds=sorted({int(spec["tuning_seed"]), *map(int, spec["seeds"])}))
+    cells = load_grid(grid_path, seeds=protocol_seeds(raw))
     labels = {c.sampler for c in cells}
     out = []
     models = list(OrderedDict.fromkeys(c.model_label for c in cells))
@@ -476,7 +481,7 @@ def plot(e: Evidence, out_dir: Path) -> Path | None:
     if not tuning:
         return None
     tallest = max(len(tuning), len(chosen))
-    fig, axes = plt.subplots(1, 2, figsize=(15, 1.4 + 0.3 * tallest))
+    fig, axes = plt.subplots(1, 2, figsize=(15, max(1.4 + 0.3 * tallest, 15 / 4)))  # at most 4:1
     _bar_panel(axes[0], tuning, f"tuning cells, seed {e.tuning_seed}", metric=e.metric, split="valid")
     if chosen:
         _bar_panel(axes[1], chosen, "chosen setting per method", metric=e.metric, split="test")

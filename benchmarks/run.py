@@ -876,9 +876,10 @@ def main(argv=None) -> list[dict]:
     if not args.grid:
         raise SystemExit("--grid GRID.yaml is required")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    if args.park and seeds is None:  # a converged grid's further seeds too (its selection: section)
-        raw = read_grid(args.grid)
-        seeds = sorted({*map(int, raw.get("seeds") or [2020]), *map(int, (raw.get("selection") or {}).get("seeds") or [])})
+    if args.park and seeds is None and "selection" in (raw := read_grid(args.grid)):  # a converged grid's seeds too
+        from benchmarks.converged import protocol_seeds
+
+        seeds = sorted({*map(int, raw.get("seeds") or [2020]), *protocol_seeds(raw)})
     cells = load_grid(args.grid, preset=args.preset, seeds=seeds, results=args.results)
     if args.only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pattern) for pattern in args.only)]

@@ -28,7 +28,6 @@ from recbole_mdcns.full_sequence import (
     user_sequences,
 )
 from recbole_mdcns import eval_prefixes
-from recbole_mdcns.eval_prefixes import SharedPrefixes
 from recbole_mdcns.general import epoch_start, graphs_kept, is_general
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.progress import RecBoleProgressBar
@@ -276,7 +275,7 @@ class NegSamplingTrainer(Trainer):
         self.epoch_seconds: dict[int, float] = {}
         self.best_epoch: int | None = None
         self.datamodule: RecBoleTrainData | None = None
-        self.shared_prefixes = SharedPrefixes() if config[eval_prefixes.KEY] else None
+        self.shared_prefixes = eval_prefixes.SharedPrefixes() if config[eval_prefixes.KEY] else None
 
     def build_module(self) -> NegativeSamplingModule:
         return get_sampler(self.config["neg_sampler"]).cls(self.model, self.optimizer, self.config)

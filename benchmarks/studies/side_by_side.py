@@ -28,10 +28,10 @@ import argparse
 import ast
 import hashlib
 import math
-import statistics
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, describe_device
+from benchmarks.report import _fmt, _mean_std
 from benchmarks.run import append_result, load_grid, read_results
 
 THEIRS = REPO_ROOT / "benchmarks" / "results" / "authors_code.jsonl"
@@ -91,28 +91,22 @@ def record(args: argparse.Namespace) -> dict:
     return entry
 
 
-def _stats(values: list[float]) -> tuple[float, float | None, int]:
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-
 def _cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean, std, n = _stats(values)
-    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" (n={n})"
+    stats = _mean_std(values)
+    return f"{_fmt(*stats)} (n={stats[2]})" if values else "–"
 
 
 def compare(ours: list[float], theirs: list[float]) -> str:
     """Ours - theirs +- the Welch standard error, and whether the target holds."""
     if not ours or not theirs:
         return "–"
-    (m1, s1, n1), (m2, s2, n2) = _stats(ours), _stats(theirs)
+    (m1, s1, n1), (m2, s2, n2) = _mean_std(ours), _mean_std(theirs)
     diff = m1 - m2
     relative = abs(diff) / m2 if m2 else math.inf
     if n2 == 1:
         inside = min(ours) <= m2 <= max(ours)
         return f"{diff:+.4f} ({relative:.1%}); theirs {'inside' if inside else 'outside'} our seeds' range"
-    se = math.sqrt((s1 or 0.0) ** 2 / n1 + s2 ** 2 / n2)
+    se = math.sqrt(s1 ** 2 / n1 + s2 ** 2 / n2)
     met = abs(diff) <= 2 * se and relative <= 0.05
     return f"{diff:+.4f} ± {se:.4f} ({relative:.1%}): {'met' if met else 'missed'}"
 
