@@ -261,6 +261,25 @@ def test_a_family_with_its_own_seeds_asks_for_no_others(tmp_path):
     assert "seeds 2020 only, by the grid" in "\n".join(converged.render_dataset(evidence))
 
 
+def test_a_converged_page_goes_where_its_grids_say_and_never_over_another_grids(tmp_path):
+    """Each converged grid names its page (``report.page``): the authors' protocol grids write
+    AUTHORS_PROTOCOL.md, not CONVERGED.md; grids naming different pages need --out, refused before any run."""
+    from benchmarks import converged
+
+    grids = REPO / "benchmarks" / "grids"
+    out, title = converged.report_page([str(grids / "authors_lastfm.yaml"), str(grids / "authors_beauty.yaml")],
+                                       None, None)
+    assert out == REPO / "benchmarks" / "AUTHORS_PROTOCOL.md" and "authors' protocol" in title
+    assert converged.report_page([str(grids / "converged_ml100k.yaml")], None, None)[0].name == "CONVERGED.md"
+    assert converged.report_page([str(grids / "converged_ml100k.yaml")], str(tmp_path / "p.md"), "T") == (
+        tmp_path / "p.md", "T")
+    mixed = ["--run", "--grid", str(grids / "converged_lastfm.yaml"), "--grid", str(grids / "authors_lastfm.yaml"),
+             "--results", str(tmp_path / "none.jsonl")]
+    with pytest.raises(SystemExit, match=r"--out.*AUTHORS_PROTOCOL.md.*CONVERGED.md"):
+        converged.main(mixed)
+    assert not (tmp_path / "none.jsonl").exists()  # nothing ran
+
+
 def test_converged_run_refuses_an_unknown_family(tmp_path):
     from benchmarks import converged
 
@@ -692,7 +711,8 @@ def test_a_driver_given_a_results_file_writes_there_and_schedules_from_it(tmp_pa
     assert sorted(r["cell"]["seed"] for r in records if r["status"] == "ok") == [2020, 2021]
     assert not (tmp_path / "grid-own.jsonl").exists()
     with pytest.raises(SystemExit, match="one results file"):
-        converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), str(elsewhere) + "2"])
+        converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), str(elsewhere) + "2",
+                        "--out", str(tmp_path / "page.md")])
 
 
 def test_park_takes_a_converged_grids_further_seeds_too(tmp_path, monkeypatch):
