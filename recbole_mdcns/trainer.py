@@ -178,6 +178,7 @@ class RecBoleEpochEnd(pl.Callback):
             return
         valid_start = time()
         score, result = rb._valid_epoch(self.valid_data, show_progress=self.show_progress)
+        rb.valid_scores[epoch] = (float(score), time() - valid_start)
         rb.best_valid_score, rb.cur_step, stop, update = early_stopping(
             score, rb.best_valid_score, rb.cur_step, max_step=rb.stopping_step, bigger=rb.valid_metric_bigger
         )
@@ -212,7 +213,7 @@ class RecBoleEpochEnd(pl.Callback):
         return {"best_valid_score": float(rb.best_valid_score), "cur_step": rb.cur_step,
                 "best_valid_result": result, "train_loss_dict": dict(rb.train_loss_dict),
                 "saved_model_file": rb.saved_model_file, "epoch_seconds": dict(rb.epoch_seconds),
-                "best_epoch": rb.best_epoch}
+                "valid_scores": dict(rb.valid_scores), "best_epoch": rb.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -273,6 +274,7 @@ class NegSamplingTrainer(Trainer):
         self.lightning_trainer: pl.Trainer | None = None
         self.module: NegativeSamplingModule | None = None
         self.epoch_seconds: dict[int, float] = {}
+        self.valid_scores: dict[int, tuple[float, float]] = {}  # epoch -> (validation score, seconds)
         self.best_epoch: int | None = None
         self.datamodule: RecBoleTrainData | None = None
         self.shared_prefixes = eval_prefixes.SharedPrefixes() if config[eval_prefixes.KEY] else None
@@ -349,6 +351,9 @@ class NegSamplingTrainer(Trainer):
             "epochs": len(self.epoch_seconds),
             "best_epoch": self.best_epoch,
             "epoch_seconds": [self.epoch_seconds[e] for e in sorted(self.epoch_seconds)],
+            # every validation of the run, those before a resume included: [epoch, score], and their seconds
+            "valid_scores": [[e, self.valid_scores[e][0]] for e in sorted(self.valid_scores)],
+            "valid_seconds": sum(seconds for _, seconds in self.valid_scores.values()),
             "sampling_seconds": train_data.sampling_seconds,
             "negative_history": list(self.module.negative_history) if self.module else [],
             # MDCNS: the peer's and the self+peer ensemble's validation results, per validated epoch

@@ -120,6 +120,8 @@ def test_a_killed_cell_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
     assert resumed["epochs"] == uninterrupted["epochs"] == 2
     assert resumed["user_ranks"]["test"] == uninterrupted["user_ranks"]["test"]
+    # the record's curve holds the epoch validated before the kill too
+    assert resumed["valid_scores"] == uninterrupted["valid_scores"] and len(resumed["valid_scores"]) == 2
 
 
 def test_a_parked_cell_resumes_on_a_fresh_machine_as_if_never_stopped(tmp_path, monkeypatch):

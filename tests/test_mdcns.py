@@ -577,10 +577,16 @@ def test_same_seed_same_metrics(two_epochs, tiny_data, tmp_path):
 def test_resume_from_lightning_checkpoint_matches_uninterrupted(two_epochs, tiny_data, tmp_path):
     _, _, first = _run(tiny_data, tmp_path / "first", epochs=1)
     resumed, module, _ = _run(tiny_data, tmp_path / "resumed", epochs=2, resume_from=str(_last_ckpt(first)))
-    assert [r["epoch"] for r in module.extra_valid_results] == [1]  # only the second epoch ran
     for key in ("recall@10", "ndcg@10"):
         assert resumed["test_result"][key] == pytest.approx(two_epochs[0]["test_result"][key], abs=1e-6)
     assert resumed["best_valid_result"] == two_epochs[0]["best_valid_result"]
+    # the record of the run holds every validation, those before the resume too: the self model's scores, and
+    # the peer's and the ensemble's results (the summary reads them at the best epoch, which may precede a resume)
+    uninterrupted = two_epochs[0]["train_info"]
+    assert [e for e, _ in resumed["train_info"]["valid_scores"]] == [0, 1]
+    assert resumed["train_info"]["valid_scores"] == uninterrupted["valid_scores"]
+    assert [r["epoch"] for r in module.extra_valid_results] == [0, 1]
+    assert resumed["train_info"]["extra_valid_results"] == uninterrupted["extra_valid_results"]
 
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}

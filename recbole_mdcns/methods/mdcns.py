@@ -422,5 +422,15 @@ class MDCNSModule(NegativeSamplingModule):
             trainer.logger.info(set_color(f"{name} valid result", "blue") + ": \n" + dict2str(result))
         self.extra_valid_results.append(record)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the peer/ensemble results of every validation so far, for a resume
+        checkpoint["extra_valid_results"] = [
+            {k: v if k == "epoch" else {metric: float(x) for metric, x in v.items()} for k, v in record.items()}
+            for record in self.extra_valid_results]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.extra_valid_results = [dict(record) for record in checkpoint.get("extra_valid_results", [])]
+
 
 register_sampler("mdcns", MDCNSModule, config_file=packaged_yaml("mdcns"))
