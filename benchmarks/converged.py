@@ -367,9 +367,10 @@ def next_cells(e: Evidence) -> list[tuple[str, int]]:
 
 
 def drive(grids: list[str], results: list[str] | None, first: list[str] | None = None,
-          allow_dirty: bool = False) -> None:
+          allow_dirty: bool = False, keep_checkpoints: bool = False) -> None:
     """``--run``: one cell at a time through ``benchmarks.run``, the next one chosen anew after each;
-    ``first`` names families to take before the grid's priority; ``allow_dirty`` as ``benchmarks.run``'s."""
+    ``first`` names families to take before the grid's priority; ``allow_dirty`` and ``keep_checkpoints``
+    as ``benchmarks.run``'s."""
     from benchmarks import run
 
     if results is not None and len(results) != 1:
@@ -394,7 +395,8 @@ def drive(grids: list[str], results: list[str] | None, first: list[str] | None =
         tried.add((e.title, label, seed))
         print(f"[converged] {e.title}: {label}, seed {seed} ({len(pending)} runnable now)", flush=True)
         run.main(["--grid", grid, "--seeds", str(seed), "--only", f"{label} | {e.model} | {e.dataset} | *"]
-                 + (["--results", results[0]] if results else []) + (["--allow-dirty"] if allow_dirty else []))
+                 + (["--results", results[0]] if results else []) + (["--allow-dirty"] if allow_dirty else [])
+                 + (["--keep-checkpoints"] if keep_checkpoints else []))
 
 
 def fill_user_ranks(grids: list[str], results: list[str] | None, families: list[str], command: str,
@@ -517,6 +519,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--run", action="store_true", help="run the protocol's next cells until none is left")
     parser.add_argument("--first", action="append", default=[], metavar="FAMILY",
                         help="with --run: take this family before the grid's priority (repeatable)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="with --run: keep each cell's RecBole checkpoint (to re-evaluate it later)")
     parser.add_argument("--user-ranks", action="append", default=[], metavar="FAMILY",
                         help="re-run this family's chosen records that hold no per-user ranks (repeatable)")
     parser.add_argument("--allow-dirty", action="store_true",
@@ -527,7 +531,7 @@ def main(argv=None) -> Path:
         fill_user_ranks(args.grid, args.results, args.user_ranks, command_line(argv, "benchmarks.converged"),
                         args.allow_dirty)
     if args.run:
-        drive(args.grid, args.results, args.first, args.allow_dirty)
+        drive(args.grid, args.results, args.first, args.allow_dirty, args.keep_checkpoints)
     paths = args.results or _results_paths(args.grid)
     records, _, _ = load(paths)
     by_key = {r["key"]: r for r in records}

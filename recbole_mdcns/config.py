@@ -68,7 +68,8 @@ def create_config(model=None, dataset=None, config_file_list=None, config_dict=N
                              f"(neg_sampler one of {available_samplers()[1:]}); neg_sampler=recbole runs RecBole's "
                              "own trainer, which trains prefix rows")
         check_time_column(config, user)
-        if config[history_mask.KEY] is not None:  # this package's loaders mask RecBole's own trainer's evaluation too
+        if config[history_mask.KEY] is not None or config[history_mask.SCORE_KEY] is not None:
+            # this package's loaders (and trainer class) mask RecBole's own trainer's evaluation too
             history_mask.check_config(config)
             check_benchmark_config(config)
         return config

@@ -16,6 +16,10 @@ and every model evaluated on these loaders is masked alike: the self model, MDCN
 ensemble, under DDP each process's block of batches. Memory: one copy of every user's sequence and two
 integers per evaluated row; the pairs are built per batch. A target that also occurs earlier in its own
 sequence is masked too, as in the authors' code.
+
+``eval_history_score`` is the score the masked items get: ``-inf`` (the default; the authors' MDCNS trainer) or
+``0`` (the authors' baselines -- their DNS+ and single-model trainers set ``rating_pred[history] = 0``, so a target
+whose own score is below 0 ranks under every item of its history).
 """
 from __future__ import annotations
 
@@ -31,13 +35,19 @@ from recbole_mdcns.full_sequence import ChainError, user_sequences
 from recbole_mdcns.benchmark_files import HISTORY_ITEMS, HISTORY_SUFFIX, HISTORY_USER
 
 KEY = "eval_mask_history"
+SCORE_KEY = "eval_history_score"
+SCORES = {"-inf": float("-inf"), "0": 0.0}  # the authors' MDCNS trainer; their baselines'
 
 
 def check_config(config) -> None:
     """``ValueError`` naming the key unless ``eval_mask_history`` is true / false (or unset), and, when true,
     evaluation is full-sort and a ``NAME.history`` file beside benchmark files is loaded."""
     value = config[KEY]
+    score = history_score(config)
     if value is None or value is False:
+        if score != SCORES["-inf"]:
+            raise ValueError(f"{SCORE_KEY}: {config[SCORE_KEY]!r} is the score of the items {KEY} masks; set "
+                             f"{KEY}: true with it (or leave {SCORE_KEY} at -inf)")
         return
     if value is not True:
         raise ValueError(f"{KEY} must be true or false, got {value!r}")
@@ -54,6 +64,39 @@ def check_config(config) -> None:
         raise ValueError(f"{KEY}: {history} holds the items before held-out rows cut to MAX_ITEM_LIST_LENGTH; load it "
                          f"with additional_feat_suffix: [{HISTORY_SUFFIX}] (and the load_col / alias_of_* entries of "
                          "the YAML python -m recbole_mdcns.user_split wrote beside it), else those items stay unmasked")
+
+
+def history_score(config) -> float:
+    """``eval_history_score`` as a float: ``-inf`` (also when unset) or ``0``; ``ValueError`` naming the key and
+    the two values otherwise."""
+    value = config[SCORE_KEY]
+    if value is None:
+        return SCORES["-inf"]
+    for name, score in SCORES.items():
+        if str(value).strip().lower() in (name, f"{score}", "-.inf" if name == "-inf" else name):
+            return score
+    raise ValueError(f"{SCORE_KEY} must be one of {list(SCORES)} (the score of the history items {KEY} masks: -inf "
+                     f"as the authors' MDCNS evaluation, 0 as their baselines'), got {value!r}")
+
+
+class HistoryScore:
+    """Trainer mixin: RecBole's full-sort batch with the masked history items at ``eval_history_score``
+    instead of ``-inf`` (RecBole's padding item 0 stays at ``-inf``)."""
+
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, history_index, positive_u, positive_i = batched_data
+        score = history_score(self.config)
+        if history_index is None or score == SCORES["-inf"]:
+            return super()._full_sort_batch_eval(batched_data)
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(
+            (interaction, None, positive_u, positive_i))
+        scores[history_index] = score
+        return interaction, scores, positive_u, positive_i
+
+
+def with_history_score(trainer_class: type) -> type:
+    """``trainer_class`` (RecBole's trainer of a model) with :class:`HistoryScore`'s batch."""
+    return type(trainer_class.__name__, (HistoryScore, trainer_class), {})
 
 
 @dataclass

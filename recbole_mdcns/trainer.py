@@ -29,6 +29,7 @@ from recbole_mdcns.full_sequence import (
 )
 from recbole_mdcns import eval_prefixes
 from recbole_mdcns.general import epoch_start, graphs_kept, is_general
+from recbole_mdcns.history_mask import HistoryScore
 from recbole_mdcns.lightning_module import NegativeSamplingModule
 from recbole_mdcns.progress import RecBoleProgressBar
 from recbole_mdcns.quiet import lightning_output
@@ -259,7 +260,7 @@ class GatheringCollector(Collector):
         return struct
 
 
-class NegSamplingTrainer(Trainer):
+class NegSamplingTrainer(HistoryScore, Trainer):
     """RecBole's ``Trainer`` for ``neg_sampler`` runs: ``fit`` runs on Lightning,
     ``evaluate`` is RecBole's full-sort evaluation of the (self) model, sharded across DDP processes."""
 

@@ -46,9 +46,9 @@ def _raw_sequences(inter: Path) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def _by_hand(model, loader, raw: dict[str, list[str]], masked: bool) -> tuple[dict, int]:
+def _by_hand(model, loader, raw: dict[str, list[str]], masked: bool, fill: float = -math.inf) -> tuple[dict, int]:
     """Recall / NDCG / MRR @10 of the loader's rows from the model's full-sort scores, with each row's whole
-    prefix in ``raw`` (the items before its target) set to -inf when ``masked``; also how many rows had a
+    prefix in ``raw`` (the items before its target) set to ``fill`` when ``masked``; also how many rows had a
     prefix item scored above their target."""
     dataset = loader._dataset
     rows = dataset.inter_feat
@@ -65,7 +65,7 @@ def _by_hand(model, loader, raw: dict[str, list[str]], masked: bool) -> tuple[di
         prefix_ids = torch.as_tensor(dataset.token2id(dataset.iid_field, prefix))
         above += int(bool((scores[r, prefix_ids] > scores[r, target]).any()))
         if masked:
-            scores[r, prefix_ids] = -math.inf
+            scores[r, prefix_ids] = fill
         ranks.append(int((scores[r] > scores[r, target]).sum()) + 1)
     ranks = torch.tensor(ranks, dtype=torch.float64)
     hit = ranks <= 10
@@ -210,6 +210,42 @@ def test_bad_switch_value_is_an_error_naming_the_key(tiny_data, in_tmp, value, m
         with pytest.raises(ValueError, match=message):
             create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, eval_mask_history=value,
                                                                      **sampler))
+
+
+def test_history_score_zero_ranks_as_the_authors_baselines(tiny_data, in_tmp):
+    """``eval_history_score: 0``: the masked items score 0, as the authors' DNS+ evaluation sets them -- checked
+    against ranks by hand, for a sampler's trainer and RecBole's own; a target scored below 0 then ranks under
+    its history, so the metric falls below the -inf mask's."""
+    raw = _raw_sequences(tiny_data / "tiny" / "tiny.inter")
+    for sampler in (DNS, {**METRICS, "train_neg_sample_args": None}):
+        settings = {**sampler, "eval_mask_history": True, "eval_shared_prefixes": False}  # scores: full_sort_predict
+        zero, valid, test = _setup(tiny_data, in_tmp, **settings, eval_history_score=0)
+        inf, inf_valid, _ = _setup(tiny_data, in_tmp, **settings)
+        if "neg_sampler" not in sampler:  # RecBole's own trainer, given the 0 only when asked for
+            assert type(inf) is Trainer and type(zero) is not Trainer and isinstance(zero, Trainer)
+        for trainer in (zero, inf):  # every real score below 0, as a BCE-trained model scores most items
+            trainer.model.full_sort_predict = _shifted(trainer.model.full_sort_predict, -10.0)
+        for data in (valid, test):
+            want = _by_hand(zero.model, data, raw, masked=True, fill=0.0)[0]
+            assert _close(zero.evaluate(data, load_best_model=False), want)
+            assert want["recall@10"] < _by_hand(zero.model, data, raw, masked=True)[0]["recall@10"]
+        assert zero.evaluate(valid, load_best_model=False)["mrr@10"] < inf.evaluate(inf_valid, load_best_model=False)["mrr@10"]
+
+
+def _shifted(predict, shift: float):
+    return lambda interaction: predict(interaction) + shift
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"eval_mask_history": True, "eval_history_score": 1},
+     r"eval_history_score must be one of \['-inf', '0'\].*got 1"),
+    ({"eval_history_score": 0}, "eval_history_score: 0 is the score of the items eval_mask_history masks; set "
+                                "eval_mask_history: true"),
+])
+def test_bad_history_score_is_an_error_naming_the_keys(tiny_data, in_tmp, settings, message):
+    for sampler in ({"neg_sampler": "dns"}, {"train_neg_sample_args": None}):
+        with pytest.raises(ValueError, match=message):
+            create_config("SASRec", "tiny", config_dict=tiny_config(tiny_data, in_tmp, **settings, **sampler))
 
 
 def test_switch_needs_full_sort_evaluation(tiny_data, in_tmp):
