@@ -777,14 +777,14 @@ def _environment_notes(record: dict, rerun: dict) -> list[str]:
 
 def verify(cells: list[Cell], command: str, epochs: int | None = None, tolerance: float = 0.0,
            against: str | None = None, in_process: bool = False, workdir: Path | None = None,
-           timeout: float | None = None) -> list[Verdict]:
+           timeout: float | None = None, keep_checkpoints: bool = False) -> list[Verdict]:
     """Rerun each recorded cell at the current commit and compare it with each of its ``ok`` records (those made
     at a commit starting with ``against``, if given), printing one MATCH / DIFFERS line per record.
 
     ``epochs``: run only that many epochs and compare the first ``epochs`` validation scores (the whole run
     when the record ran no more). A rerun starts from scratch (never a parked or killed attempt's checkpoint)
     and its record goes to a scratch results file, ``<workdir>/verify-<time>-<random>/results.jsonl``, never to the
-    grid's."""
+    grid's. ``keep_checkpoints``: leave the rerun's checkpoints in ``<that folder>/<cell key>/saved``."""
     verdicts = []
     for cell in cells:
         records = [r for r in read_results(cell.results) if r.get("key") == cell.key and r.get("status") == "ok"
@@ -818,7 +818,10 @@ def verify(cells: list[Cell], command: str, epochs: int | None = None, tolerance
                               differences, first, _environment_notes(record, rerun))
             print(verdict.line(), flush=True)
             verdicts.append(verdict)
-        shutil.rmtree(base / rerun_cell.key / "saved", ignore_errors=True)
+        if keep_checkpoints:
+            print(f"[verify] kept the rerun's checkpoints in {base / rerun_cell.key / 'saved'}", flush=True)
+        else:
+            shutil.rmtree(base / rerun_cell.key / "saved", ignore_errors=True)
     return verdicts
 
 
@@ -838,7 +841,7 @@ def parse_args(argv=None):
     parser.add_argument("--in-process", action="store_true",
                         help="run cells in this process (faster start; peak memory then reset per cell)")
     parser.add_argument("--cell-timeout", type=float, help="seconds before a cell's process is killed")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's RecBole checkpoint")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's (with --verify: each rerun's) RecBole checkpoint")
     parser.add_argument("--stop-on-error", action="store_true")
     parser.add_argument("--workdir", help="scratch folder (logs, checkpoints); default benchmarks/.work/<grid>")
     parser.add_argument("--timing", action="store_true",
@@ -903,7 +906,8 @@ def main(argv=None) -> list[dict]:
     workdir = Path(args.workdir).resolve() if args.workdir else None
     if args.verify:
         verdicts = verify(cells, command, epochs=args.epochs, tolerance=args.tolerance, against=args.against,
-                          in_process=args.in_process, workdir=workdir, timeout=args.cell_timeout)
+                          in_process=args.in_process, workdir=workdir, timeout=args.cell_timeout,
+                          keep_checkpoints=args.keep_checkpoints)
         if not verdicts:
             raise SystemExit("--verify: none of the selected cells has a record to verify")
         differ = [v for v in verdicts if not v.matches]

@@ -17,6 +17,9 @@ prefix rows at one seed): mean +- std (sample) of test NDCG@10 and Recall@10, be
 the Welch standard error (sqrt(s1^2/n1 + s2^2/n2); with one run of theirs: our seeds' spread alone), and the
 target -- |difference| <= 2 standard errors and <= 5% of theirs; with one run of theirs, theirs inside the
 range of our seeds -- with the published figure (paper Table 3) and their own logged GPU run beside them.
+Their DNS+ evaluation scores the masked history items 0, their MDCNS -inf (docs/authors_protocol.md,
+``eval_history_score``); where theirs is 0, a further row holds our runs re-evaluated so
+(``benchmarks/results/history_score-authors_lastfm.json``, ``python -m benchmarks.studies.history_score``).
 
     python -m benchmarks.studies.side_by_side record LOG --method MDCNS --seed 42 --dataset LastFM \\
         --command "the command that ran it" [--note "..."]
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -42,6 +46,9 @@ OURS = {"MDCNS": ("mdcns-g0.3-t5", "mdcns-prefix"), "DNS+": ("dns-m10", "dns-m10
 # paper Table 3 (NDCG@10) and their own logged GPU runs on their files (test NDCG@10 / Recall@10, best epoch):
 # MDCNS_Code/Exp6_WeaktoStrong (GRU4Rec peer, gamma 0.3, tau 5) and EXP5/cankao_DNS+ (M 10)
 PUBLISHED = {("LastFM", "MDCNS"): 0.1131, ("LastFM", "DNS+"): 0.0943}
+# the score their code gives the masked history items when it evaluates each method
+THEIR_HISTORY_SCORE = {"MDCNS": "-inf", "DNS+": "0"}
+HISTORY_SCORE = REPO_ROOT / "benchmarks" / "results" / "history_score-authors_lastfm.json"
 THEIR_LOGS = {("LastFM", "MDCNS"): (0.1129, 0.2066, 144), ("LastFM", "DNS+"): (0.1006, 0.1856, 117)}
 
 
@@ -131,6 +138,13 @@ def table(dataset: str = "LastFM") -> str:
             vals = {m: [r["test"][m] for r in ours] for m in ("ndcg@10", "recall@10")}
             rows.append(f"| {method} | ours (`{label}`) | {rows_trained} | {len(ours)} | {_cell(vals['ndcg@10'])} | "
                         f"{_cell(vals['recall@10'])} | {', '.join(str(r['best_epoch']) for r in ours) or '–'} | "
+                        f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
+        if THEIR_HISTORY_SCORE[method] != "-inf" and HISTORY_SCORE.exists():
+            rescored = [r for r in json.loads(HISTORY_SCORE.read_text())["rows"] if r["sampler"] == all_positions]
+            vals = {m: [r["test"][THEIR_HISTORY_SCORE[method]][m] for r in rescored] for m in ("ndcg@10", "recall@10")}
+            rows.append(f"| {method} | ours (`{all_positions}`), history at {THEIR_HISTORY_SCORE[method]} as their "
+                        f"{method} evaluation | all positions | {len(rescored)} | {_cell(vals['ndcg@10'])} | "
+                        f"{_cell(vals['recall@10'])} | {', '.join(str(r['best_epoch']) for r in rescored) or '–'} | "
                         f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
         logged = THEIR_LOGS.get((dataset, method))
         if logged:
