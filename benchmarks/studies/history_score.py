@@ -4,7 +4,9 @@ Result: ``benchmarks/results/history_score-<grid>.json``; findings: benchmarks/s
 
 Each finished cell of the named samplers whose best model was kept (``python -m benchmarks.converged --run
 --keep-checkpoints``) is reloaded from that checkpoint and its test set evaluated twice, ``eval_history_score: -inf``
-and ``0`` (one process, one thread); the ``-inf`` figures must equal the cell's recorded test metrics.
+and ``0`` (one process, one thread); the ``-inf`` figures must equal the cell's recorded test metrics. A cell
+finished without ``--keep-checkpoints`` can be rerun with ``python -m benchmarks.run --verify --keep-checkpoints``
+(its folder is then a further ``--work``).
 
     python -m benchmarks.studies.history_score --grid benchmarks/grids/authors_lastfm.yaml \\
         --work benchmarks/.work/authors_lastfm [--samplers dns-m10 mdcns-g0.3-t5]
@@ -26,9 +28,9 @@ SCORES = ("-inf", "0")
 METRICS = ("ndcg@10", "recall@10", "ndcg@20")
 
 
-def best_model(work: Path, key: str) -> str | None:
-    """The RecBole best-model file a kept cell left in its work folder (not its Lightning folder)."""
-    found = sorted(glob.glob(str(work / key / "saved" / "*.pth")))
+def best_model(works: list[str], key: str) -> str | None:
+    """The RecBole best-model file a kept cell left in a work folder (not its Lightning folder)."""
+    found = sorted(path for work in works for path in glob.glob(str(Path(work) / key / "saved" / "*.pth")))
     return found[-1] if found else None
 
 
@@ -50,7 +52,8 @@ def evaluate_both(model_file: str) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", required=True)
-    parser.add_argument("--work", required=True, help="the drivers' work folder, holding <cell key>/saved/")
+    parser.add_argument("--work", nargs="+", required=True,
+                        help="the drivers' work folders, holding <cell key>/saved/ (also a --verify rerun's folder)")
     parser.add_argument("--results", help="results file (default: the grid's)")
     parser.add_argument("--samplers", nargs="+", default=["dns-m10", "mdcns-g0.3-t5"])
     parser.add_argument("--out")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                if r.get("status") == "ok" and r["key"] in cells}
     rows = []
     for key, record in sorted(records.items(), key=lambda kv: (cells[kv[0]].sampler, cells[kv[0]].seed)):
-        model_file = best_model(Path(args.work), key)
+        model_file = best_model(args.work, key)
         if model_file is None:
             print(f"[skip] {cells[key].sampler} seed {cells[key].seed}: no kept checkpoint under {args.work}/{key}")
             continue
