@@ -40,6 +40,7 @@ def evaluate_both(model_file: str) -> dict[str, dict[str, float]]:
     from recbole_mdcns.quick_start import build_trainer
 
     config, model, _, train_data, _, test_data = load_data_and_model(model_file)
+    config["metric_decimal_place"] = 12  # RecBole rounds to 4: a change below that must show too
     trainer = build_trainer(config, model)
     trainer.eval_collector.data_collect(train_data)
     out = {}
