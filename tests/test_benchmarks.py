@@ -707,10 +707,14 @@ def test_a_driver_given_a_results_file_writes_there_and_schedules_from_it(tmp_pa
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     elsewhere = tmp_path / "main-checkout.jsonl"
-    converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), "--allow-dirty",
+    converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), "--allow-dirty", "--keep-checkpoints",
                     "--out", str(tmp_path / "page.md"), "--plots", str(tmp_path / "plots")])
     records = run.read_results(elsewhere)
     assert sorted(r["cell"]["seed"] for r in records if r["status"] == "ok") == [2020, 2021]
+    for r in records:  # --keep-checkpoints: each cell's best model stays, to be re-evaluated later
+        saved = run.scratch_dir(run.load_grid(path)[0]) / r["key"] / "saved"
+        assert list(saved.glob("*.pth")), saved
+        shutil.rmtree(saved)
     assert not (tmp_path / "grid-own.jsonl").exists()
     with pytest.raises(SystemExit, match="one results file"):
         converged.main(["--run", "--grid", str(path), "--results", str(elsewhere), str(elsewhere) + "2",
