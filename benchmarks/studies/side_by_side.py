@@ -36,7 +36,8 @@ from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, describe_device
 from benchmarks.report import _fmt, _mean_std
-from benchmarks.run import append_result, load_grid, read_results
+from benchmarks.converged import protocol_seeds
+from benchmarks.run import append_result, load_grid, read_grid, read_results
 
 THEIRS = REPO_ROOT / "benchmarks" / "results" / "authors_code.jsonl"
 GRID = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm.yaml"
@@ -120,7 +121,7 @@ def compare(ours: list[float], theirs: list[float]) -> str:
 
 def table(dataset: str = "LastFM") -> str:
     theirs = [r for r in read_results(THEIRS) if r.get("dataset") == dataset]
-    cells = load_grid(GRID)
+    cells = load_grid(GRID, seeds=protocol_seeds(read_grid(GRID)))  # the chosen settings' seeds too
     records = {r["key"]: r for r in read_results(cells[0].results) if r.get("status") == "ok"}
     by_label: dict[str, list[dict]] = {}
     for c in cells:
