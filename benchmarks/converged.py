@@ -499,11 +499,11 @@ def report_page(grids: list[str], out: str | None, title: str | None) -> tuple[P
     ``report: {page, title}`` (a page relative to the repository). Grids that name different pages, or none,
     need ``--out``, so one grid's run never overwrites another grid's page."""
     reports = [read_grid(grid).get("report") or {} for grid in grids]
-    pages = {str(r.get("page")) for r in reports}
+    pages = {r.get("page") for r in reports}
     if out is None:
-        if len(pages) != 1 or "None" in pages:
-            raise SystemExit(f"--out: the grids' report.page differ or are missing ({sorted(pages)}); name the "
-                             f"page to write with --out")
+        if len(pages) != 1 or None in pages:
+            raise SystemExit(f"--out: the grids' report.page differ or are missing ({sorted(map(str, pages))}); "
+                             f"name the page to write with --out")
         out = str(REPO_ROOT / pages.pop())
     titles = {r["title"] for r in reports if r.get("title")}
     return Path(out).resolve(), title or (titles.pop() if len(titles) == 1 else "Converged evidence")

@@ -37,6 +37,7 @@ from recbole_mdcns.benchmark_files import HISTORY_ITEMS, HISTORY_SUFFIX, HISTORY
 KEY = "eval_mask_history"
 SCORE_KEY = "eval_history_score"
 SCORES = {"-inf": float("-inf"), "0": 0.0}  # the authors' MDCNS trainer; their baselines'
+_SPELLINGS = {"-inf": SCORES["-inf"], "-.inf": SCORES["-inf"], "0": SCORES["0"], "0.0": SCORES["0"]}
 
 
 def check_config(config) -> None:
@@ -72,9 +73,9 @@ def history_score(config) -> float:
     value = config[SCORE_KEY]
     if value is None:
         return SCORES["-inf"]
-    for name, score in SCORES.items():
-        if str(value).strip().lower() in (name, f"{score}", "-.inf" if name == "-inf" else name):
-            return score
+    score = _SPELLINGS.get(str(value).strip().lower())
+    if score is not None:
+        return score
     raise ValueError(f"{SCORE_KEY} must be one of {list(SCORES)} (the score of the history items {KEY} masks: -inf "
                      f"as the authors' MDCNS evaluation, 0 as their baselines'), got {value!r}")
 

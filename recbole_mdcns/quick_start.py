@@ -19,7 +19,7 @@ from recbole.utils import get_environment, get_flops, get_trainer, init_logger, 
 from recbole_mdcns.benchmark_files import check_benchmark_ids, warn_unseen_users
 from recbole_mdcns.config import check_catalogue, create_config, preset_yaml
 from recbole_mdcns.data import candidate_train_loader
-from recbole_mdcns.history_mask import history_score, mask_history, with_history_score
+from recbole_mdcns.history_mask import SCORES, history_score, mask_history, with_history_score
 from recbole_mdcns.recbole_keys import user_settings
 from recbole_mdcns.models import get_model
 from recbole_mdcns.quiet import dataset_output
@@ -69,7 +69,7 @@ def build_trainer(config, model):
     if config["neg_sampler"] != "recbole":
         return NegSamplingTrainer(config, model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])
-    if history_score(config) != float("-inf"):  # eval_history_score: 0 -- RecBole's trainer masks with -inf
+    if history_score(config) != SCORES["-inf"]:  # eval_history_score: 0 -- RecBole's trainer masks with -inf
         trainer = with_history_score(trainer)
     return trainer(config, model)
 

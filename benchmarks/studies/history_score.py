@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import REPO_ROOT, command_line, describe_device, git_state, to_jsonable
+from benchmarks.converged import protocol_seeds
 from benchmarks.run import load_grid, read_grid, read_results
 
 SCORES = ("-inf", "0")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     import recbole_mdcns  # noqa: F401  (compat shims)
 
     name = read_grid(args.grid).get("name", Path(args.grid).stem)
-    cells = {c.key: c for c in load_grid(args.grid, seeds=[2020, 2021, 2022]) if c.sampler in args.samplers}
+    cells = {c.key: c for c in load_grid(args.grid, seeds=protocol_seeds(read_grid(args.grid)))
+             if c.sampler in args.samplers}
     records = {r["key"]: r for r in read_results(args.results or next(iter(cells.values())).results)
                if r.get("status") == "ok" and r["key"] in cells}
     rows = []

@@ -119,6 +119,15 @@ def compare(ours: list[float], theirs: list[float]) -> str:
     return f"{diff:+.4f} ± {se:.4f} ({relative:.1%}): {'met' if met else 'missed'}"
 
 
+def _ours_row(method: str, who: str, rows_trained: str, runs: list[tuple[dict, int]],
+              their: dict[str, list[float]]) -> str:
+    """One row of ours: ``runs`` are (test metrics, best epoch), set against ``their`` test metrics."""
+    vals = {m: [test[m] for test, _ in runs] for m in ("ndcg@10", "recall@10")}
+    return (f"| {method} | {who} | {rows_trained} | {len(runs)} | {_cell(vals['ndcg@10'])} | "
+            f"{_cell(vals['recall@10'])} | {', '.join(str(epoch) for _, epoch in runs) or '–'} | "
+            f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
+
+
 def table(dataset: str = "LastFM") -> str:
     theirs = [r for r in read_results(THEIRS) if r.get("dataset") == dataset]
     cells = load_grid(GRID, seeds=protocol_seeds(read_grid(GRID)))  # the chosen settings' seeds too
@@ -135,18 +144,14 @@ def table(dataset: str = "LastFM") -> str:
         rows.append(f"| {method} | theirs (CPU, our files) | prefix rows | {len(mine_runs)} | {_cell(their['ndcg@10'])} | "
                     f"{_cell(their['recall@10'])} | {', '.join(str(r['best_epoch']) for r in mine_runs) or '–'} | | |")
         for label, rows_trained in ((all_positions, "all positions"), (prefix, "prefix rows")):
-            ours = by_label.get(label, [])
-            vals = {m: [r["test"][m] for r in ours] for m in ("ndcg@10", "recall@10")}
-            rows.append(f"| {method} | ours (`{label}`) | {rows_trained} | {len(ours)} | {_cell(vals['ndcg@10'])} | "
-                        f"{_cell(vals['recall@10'])} | {', '.join(str(r['best_epoch']) for r in ours) or '–'} | "
-                        f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
-        if THEIR_HISTORY_SCORE[method] != "-inf" and HISTORY_SCORE.exists():
-            rescored = [r for r in json.loads(HISTORY_SCORE.read_text())["rows"] if r["sampler"] == all_positions]
-            vals = {m: [r["test"][THEIR_HISTORY_SCORE[method]][m] for r in rescored] for m in ("ndcg@10", "recall@10")}
-            rows.append(f"| {method} | ours (`{all_positions}`), history at {THEIR_HISTORY_SCORE[method]} as their "
-                        f"{method} evaluation | all positions | {len(rescored)} | {_cell(vals['ndcg@10'])} | "
-                        f"{_cell(vals['recall@10'])} | {', '.join(str(r['best_epoch']) for r in rescored) or '–'} | "
-                        f"{compare(vals['ndcg@10'], their['ndcg@10'])} | {compare(vals['recall@10'], their['recall@10'])} |")
+            runs = [(r["test"], r["best_epoch"]) for r in by_label.get(label, [])]
+            rows.append(_ours_row(method, f"ours (`{label}`)", rows_trained, runs, their))
+        score = THEIR_HISTORY_SCORE[method]
+        if score != "-inf" and HISTORY_SCORE.exists():
+            runs = [(r["test"][score], r["best_epoch"]) for r in json.loads(HISTORY_SCORE.read_text())["rows"]
+                    if r["sampler"] == all_positions]
+            rows.append(_ours_row(method, f"ours (`{all_positions}`), history at {score} as their {method} evaluation",
+                                  "all positions", runs, their))
         logged = THEIR_LOGS.get((dataset, method))
         if logged:
             rows.append(f"| {method} | theirs, their logged GPU run (their files, seed 42) | prefix rows | 1 | "
