@@ -483,7 +483,7 @@ def plot(e: Evidence, out_dir: Path) -> Path | None:
     if not tuning:
         return None
     tallest = max(len(tuning), len(chosen))
-    fig, axes = plt.subplots(1, 2, figsize=(15, max(1.4 + 0.3 * tallest, 15 / 4)))  # at most 4:1
+    fig, axes = plt.subplots(1, 2, figsize=(15, max(1.4 + 0.3 * tallest, 15 / 3.9)))  # under 4:1 after rounding to pixels
     _bar_panel(axes[0], tuning, f"tuning cells, seed {e.tuning_seed}", metric=e.metric, split="valid")
     if chosen:
         _bar_panel(axes[1], chosen, "chosen setting per method", metric=e.metric, split="test")
