@@ -16,6 +16,7 @@ from recbole.utils import ModelType
 
 from recbole_mdcns import eval_prefixes, history_mask
 from recbole_mdcns.benchmark_files import check_benchmark_config
+from recbole_mdcns.data import CANDIDATE_EXCLUDE
 from recbole_mdcns.full_sequence import TRAIN_POSITIONS
 from recbole_mdcns.general import GENERAL_MODELS, unsupported_model_message
 from recbole_mdcns.recbole_keys import audit, check_distributed_keys, user_settings
@@ -142,6 +143,8 @@ def validate(config: Config, user: dict) -> None:
         )
     _check_choice(config, "neg_loss", NEG_LOSSES)
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
+    _check_choice(config, "candidate_exclude", CANDIDATE_EXCLUDE)
+    check_bool(config, "candidate_distinct")
     draws_pool = get_sampler(config["neg_sampler"]).cls.draws_pool  # False: the sampler checks its pool keys
     if draws_pool:
         check_number(config, "candidate_num", 1, integer=True)
@@ -180,9 +183,10 @@ def _check_general(config: Config) -> None:
         raise ValueError(f"neg_sampler={sampler} works with RecBole's sequential models only "
                          f"({get_sampler(sampler).cls.general_models_why}); for the general model {name} use one "
                          f"of {general}")
-    if config["train_positions"] != "last":
-        raise ValueError(f"train_positions must be 'last' for the general model {name} (its rows are (user, item) "
-                         f"interactions, there is no sequence), got {config['train_positions']!r}")
+    for key, value in (("train_positions", "last"), ("candidate_exclude", "user")):
+        if config[key] != value:
+            raise ValueError(f"{key} must be '{value}' for the general model {name} (its rows are (user, item) "
+                             f"interactions, there is no sequence), got {config[key]!r}")
     if name == "NCL":
         try:
             import faiss  # noqa: F401  (RecBole's NCL.e_step clusters with faiss.Kmeans)

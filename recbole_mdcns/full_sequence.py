@@ -219,7 +219,8 @@ class WindowCollate:
     """A batch of windows as an ``Interaction``: window-level fields (:data:`WINDOW_SEQ`, ...) trimmed to
     the longest window of the batch, and one row per trained target with RecBole's ``USER_ID`` /
     ``POS_ITEM_ID`` fields, its position (:data:`ROW_WINDOW`, :data:`ROW_POSITION`,
-    :data:`TARGET_POSITION`) and its own candidate pool (``CANDIDATES``, outside the user's training history)."""
+    :data:`TARGET_POSITION`) and its own candidate pool (``CANDIDATES``, outside the user's training history;
+    with ``candidate_exclude: row``, outside the window up to its position and its target)."""
 
     def __init__(self, windows: Windows, train_data, world: int = 1) -> None:
         self.windows, self.train_data, self.world = windows, train_data, world
@@ -235,13 +236,19 @@ class WindowCollate:
         next_item = w.next_item[index, :width]
         row_window, row_position = (next_item > 0).nonzero(as_tuple=True)
         users = w.user[index][row_window]
+        target = next_item[row_window, row_position]
+        rows = None
+        if self.train_data.excludes_rows:  # each target's own items: the window up to its position, and itself
+            seen = w.seq[index, :width][row_window]
+            seen = seen.masked_fill(torch.arange(width) > row_position.unsqueeze(1), 0)
+            rows = torch.cat([seen, target.unsqueeze(1)], 1)
         fields = {
             self.user_field: users,
-            self.item_field: next_item[row_window, row_position],
+            self.item_field: target,
             TARGET_POSITION: w.start[index][row_window] + row_position + 1,
             ROW_WINDOW: row_window,
             ROW_POSITION: row_position,
-            CANDIDATES: self.train_data.draw_pools(users),
+            CANDIDATES: self.train_data.draw_pools(users, rows),
             WINDOW_SEQ: w.seq[index, :width],
             WINDOW_LEN: seq_len,
             WINDOW_USER: w.user[index],

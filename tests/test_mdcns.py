@@ -292,6 +292,7 @@ def test_authors_preset(tiny_data, tmp_path):
     assert (config["hidden_dropout_prob"], config["attn_dropout_prob"], config["n_layers"], config["n_heads"]) == (
         0.5, 0.5, 2, 2)
     assert (config["valid_metric"], config["stopping_step"], config["epochs"]) == ("NDCG@20", 30, 300)
+    assert (config["candidate_exclude"], config["candidate_distinct"]) == ("row", True)  # neg_sample_dns_unique
     peer = companion_config(config, config["mdcns_peer_model"], config["mdcns_peer_config"])
     assert peer["model"] == "Mamba4Rec"
     assert [peer[k] for k in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "dropout_prob")] == [

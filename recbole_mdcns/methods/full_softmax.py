@@ -10,8 +10,8 @@ Lightning checkpoints like any sampler.
 
 No candidate pool is drawn (``candidate_num: 0``: the loader attaches an empty ``[B, 0]`` pool and spends
 no time drawing). Refused before any data is loaded, each error naming the key: ``candidate_num`` other
-than 0, ``top_m`` or ``neg_num`` other than 1, ``candidate_distribution: popularity`` (keys of a pool it
-does not draw), ``neg_loss`` other than ``softmax`` (its loss *is* the softmax over the catalogue; BPR or
+than 0, ``top_m`` or ``neg_num`` other than 1, ``candidate_distribution: popularity``, ``candidate_exclude:
+row``, ``candidate_distinct: true`` (keys of a pool it does not draw), ``neg_loss`` other than ``softmax`` (its loss *is* the softmax over the catalogue; BPR or
 BCE against every item is another loss, not RecBole's CE), and RecBole's general models (their own loss
 terms -- LightGCN's regulariser, SGL's and NCL's contrastive terms -- run over (user, positive, negative)
 triples, which a softmax over the catalogue does not have). At fit start a model whose scores need
@@ -50,9 +50,11 @@ class FullSoftmaxModule(NegativeSamplingModule):
         why = "every item of the catalogue is in its softmax, none is picked"
         require_one(config, "top_m", NAME, why)
         require_one(config, "neg_num", NAME, why)
-        if config["candidate_distribution"] != "uniform":
-            raise ValueError(f"candidate_distribution must be 'uniform' (the default) for neg_sampler={NAME}: it draws "
-                             f"no pool, got {config['candidate_distribution']!r}")
+        for key, default in (("candidate_distribution", "uniform"), ("candidate_exclude", "user"),
+                             ("candidate_distinct", False)):
+            if config[key] != default:
+                raise ValueError(f"{key} must be {default!r} (the default) for neg_sampler={NAME}: it draws no pool, "
+                                 f"got {config[key]!r}")
         if config["neg_loss"] != "softmax":
             raise ValueError(f"neg_loss must be 'softmax' for neg_sampler={NAME} (its loss is the cross-entropy over the "
                              f"whole catalogue, RecBole's loss_type CE), got {config['neg_loss']!r}; for BPR or BCE "
