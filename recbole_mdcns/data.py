@@ -119,9 +119,9 @@ class CandidatePoolSampler(Sampler):
             user = int(counts.argmax())
             free, who = self.item_num - 1 - int(counts[user]), f"user {user}"
         if free < num:
-            raise ValueError(f"candidate_distinct: true needs candidate_num ({num}) distinct items outside what a pool "
-                             f"excludes (candidate_exclude: {self.exclude}), but {who} leaves {free} of the catalogue's "
-                             f"{self.item_num - 1}; lower candidate_num or set candidate_distinct: false")
+            raise ValueError(f"candidate_distinct: true needs candidate_num ({num}) distinct items outside what a "
+                             f"pool excludes (candidate_exclude: {self.exclude}), but {who} leaves {free} of the "
+                             f"catalogue's {self.item_num - 1}; lower candidate_num or set candidate_distinct: false")
 
     def sample_pool(self, user_ids: torch.Tensor, num: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, num]`` items none of which the row's user interacted with in training; with ``exclude: row``,

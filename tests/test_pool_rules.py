@@ -101,7 +101,8 @@ def test_the_authors_pools_train_and_reproduce(tiny_data, in_tmp):
 @pytest.mark.parametrize(
     ("model", "overrides", "message"),
     [
-        ("SASRec", {"neg_sampler": "dns", "candidate_exclude": "prefix"}, "candidate_exclude must be one of ['user', 'row']"),
+        ("SASRec", {"neg_sampler": "dns", "candidate_exclude": "prefix"},
+         "candidate_exclude must be one of ['user', 'row']"),
         ("SASRec", {"neg_sampler": "dns", "candidate_distinct": "yes"}, "candidate_distinct must be true or false"),
         ("BPR", {"neg_sampler": "dns", "candidate_exclude": "row"}, "candidate_exclude must be 'user' for the general"),
         ("SASRec", {"neg_sampler": "full_softmax", "candidate_num": 0, "neg_loss": "softmax",
