@@ -689,6 +689,9 @@ def test_their_logs_give_best_epoch_and_test_as_their_code_prints_them():
            "---------------Change to test_rating_matrix!-------------------", line(0, 0.1856, 0.1006, 0.1217)]
     parsed = parse_log("\n".join(dns), "DNS+")
     assert parsed["best_epoch"] == 1 and parsed["test"]["ndcg@10"] == 0.1006  # the first of two equal bests
+    resumed = dns[:2] + [line(1, 0.1, 0.05, 0.01)] + dns[2:]  # epoch 1 printed again after a resume: the last counts
+    parsed = parse_log("\n".join(resumed), "DNS+")
+    assert parsed["best_epoch"] == 2 and parsed["epochs"] == 3 and parsed["valid_ndcg@20"] == [0.02, 0.01, 0.03]
     assert compare([0.10, 0.11, 0.12], [0.105]).endswith("inside our seeds' range")
     assert compare([0.10, 0.11, 0.12], [0.13]).endswith("outside our seeds' range")
     assert compare([0.100, 0.101, 0.102], [0.100, 0.101, 0.102]).endswith("met")

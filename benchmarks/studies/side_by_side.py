@@ -85,9 +85,11 @@ def parse_log(text: str, method: str) -> dict:
             valid.append(_metrics(line))
     if test is None:
         raise ValueError("the log has no final test line: the run has not finished")
-    curve = [v["ndcg@20"] for v in valid]
-    best = max(range(len(curve)), key=lambda e: (curve[e], -e)) if curve else None  # the first best, as theirs
-    return {"epochs": len(valid), "best_epoch": test["epoch"] if method == "MDCNS" else best,
+    # a resumed run prints again an epoch it was stopped in after printing: the last print of an epoch counts
+    by_epoch = {v["epoch"]: v["ndcg@20"] for v in valid}
+    curve = [by_epoch[e] for e in sorted(by_epoch)]
+    best = max(sorted(by_epoch), key=lambda e: (by_epoch[e], -e)) if by_epoch else None  # the first best, as theirs
+    return {"epochs": len(curve), "best_epoch": test["epoch"] if method == "MDCNS" else best,
             "valid_ndcg@20": curve, "test": {m: test[m] for m in METRICS}}
 
 
