@@ -55,6 +55,15 @@ def test_shared_prefixes_give_recboles_metrics_exactly(prefix_split, in_tmp, cap
     assert shared["test_result"] == plain["test_result"]
 
 
+def test_positions_counted_from_a_rows_end_are_evaluated_row_by_row(prefix_split, in_tmp, caplog):
+    """SASRecRightAligned numbers a row's positions from its end: a longer row's pass is not its prefixes' passes."""
+    caplog.set_level(logging.INFO)
+    shared = _run(prefix_split, in_tmp, "SASRecRightAligned", True, neg_sampler="uniform")
+    assert "eval_shared_prefixes: SASRecRightAligned is evaluated row by row (shared passes differ" in caplog.text
+    plain = _run(prefix_split, in_tmp, "SASRecRightAligned", False, neg_sampler="uniform")
+    assert (shared["best_valid_result"], shared["test_result"]) == (plain["best_valid_result"], plain["test_result"])
+
+
 def test_a_value_other_than_true_or_false_is_an_error(prefix_split, in_tmp):
     with pytest.raises(ValueError, match="eval_shared_prefixes must be true or false, got 'yes'"):
         _run(prefix_split, in_tmp, "SASRec", "yes", neg_sampler="uniform")
