@@ -145,6 +145,11 @@ def validate(config: Config, user: dict) -> None:
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
     _check_choice(config, "candidate_exclude", CANDIDATE_EXCLUDE)
     check_bool(config, "candidate_distinct")
+    kept = get_sampler(config["neg_sampler"]).cls.user_state_why
+    if config["candidate_exclude"] == "row" and kept:
+        raise ValueError(f"candidate_exclude: row leaves a user's other items in a row's pool, but "
+                         f"neg_sampler={config['neg_sampler']} {kept}: an item kept for one row could be another "
+                         f"row's target; use candidate_exclude: user with it")
     draws_pool = get_sampler(config["neg_sampler"]).cls.draws_pool  # False: the sampler checks its pool keys
     if draws_pool:
         check_number(config, "candidate_num", 1, integer=True)

@@ -48,6 +48,9 @@ class NegativeSamplingModule(pl.LightningModule):
     general_models_why: str = ""  # why not, when ``general_models`` is False (the config error says it)
     harmless_warnings: tuple = ()  # (message, category, module) warnings this module's fit raises by design
     draws_pool: bool = True  # False: no candidate pool is drawn (``candidate_num: 0``; ``batch[CANDIDATES]`` is [B, 0])
+    # why negatives outlive the row they were drawn for (a per-user store), which ``candidate_exclude: row`` forbids:
+    # an item kept for one row of a user may be another row's target; empty: each row's negatives come from its pool
+    user_state_why: str = ""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config) -> None:
         super().__init__()

@@ -117,6 +117,8 @@ def weighted_pair_loss(loss_fn: LossFn, pos: torch.Tensor, neg: torch.Tensor, we
 class AdaSIRModule(NegativeSamplingModule):
     """``neg_sampler: adasir`` (see the module docstring)."""
 
+    user_state_why = "keeps a pool per user, refilled from every row's proposals"
+
     def __init__(self, model, optimizer, config) -> None:
         super().__init__(model, optimizer, config)
         self.pool_size = config["adasir_pool_size"]

@@ -122,6 +122,8 @@ def memory_update(scores: torch.Tensor, valid: torch.Tensor, size: int, temperat
 class SRNSModule(NegativeSamplingModule):
     """``neg_sampler: srns`` (see the module docstring)."""
 
+    user_state_why = "keeps a memory per user, updated from every row's pool"
+
     def __init__(self, model, optimizer, config) -> None:
         super().__init__(model, optimizer, config)
         self.size = config["srns_memory_size"]

@@ -63,6 +63,8 @@ ABLATIONS = ("none", "no_cache", "no_dpp", "no_mix")
 class DivNSModule(DNSModule):
     """``neg_sampler: divns`` (see :mod:`recbole_mdcns.methods.divns` and this module's docstring)."""
 
+    user_state_why = "keeps a runner-up cache per user, filled from every row's pool"
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config) -> None:
         super().__init__(model, optimizer, config)
         self.cache_ratio = config["divns_cache_ratio"]
