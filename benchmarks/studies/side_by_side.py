@@ -13,7 +13,8 @@ or stopped) is refused.
 
 ``table`` sets their runs beside ours (``benchmarks/results/authors_protocol.jsonl``, grid
 ``grids/authors_lastfm.yaml``: ``mdcns-g0.3-t5`` and ``dns-m10`` on all positions at 3 seeds, and the same on
-prefix rows at one seed, with our pools and with theirs): mean +- std (sample) of test NDCG@10 and Recall@10, best epochs, ours - theirs +-
+prefix rows at one seed, with our pools and with theirs; ``grids/authors_lastfm_as_theirs.yaml``: those with their
+SASRec's positions too): mean +- std (sample) of test NDCG@10 and Recall@10, best epochs, ours - theirs +-
 the Welch standard error (sqrt(s1^2/n1 + s2^2/n2); with one run of theirs: our seeds' spread alone), and the
 target -- |difference| <= 2 standard errors and <= 5% of theirs; with one run of theirs, theirs inside the
 range of our seeds -- with the published figure (paper Table 3) and their own logged GPU run beside them.
@@ -41,11 +42,13 @@ from benchmarks.run import append_result, load_grid, read_grid, read_results
 
 THEIRS = REPO_ROOT / "benchmarks" / "results" / "authors_code.jsonl"
 GRID = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm.yaml"
+AS_THEIRS = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm_as_theirs.yaml"  # SASRecRightAligned
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
-# method -> our cells and the rows each trains: all positions first (the cell the "history at 0" row re-tests), then
-# prefix rows as their code trains, then those with their code's pools too
-OURS = {method: ((cell, "all positions"), (prefix, "prefix rows"),
-                 (f"{prefix}-their-pools", "prefix rows, their pools"))
+# method -> our cells (sampler, model) and what each trains: all positions first (the cell the "history at 0" row
+# re-tests), then prefix rows as their code trains, then with their code's pools, then with their SASRec's positions
+OURS = {method: (((cell, "SASRec"), "all positions"), ((prefix, "SASRec"), "prefix rows"),
+                 ((f"{prefix}-their-pools", "SASRec"), "prefix rows, their pools"),
+                 ((f"{prefix}-their-pools", "SASRecRightAligned"), "prefix rows, their pools, their SASRec positions"))
         for method, cell, prefix in (("MDCNS", "mdcns-g0.3-t5", "mdcns-prefix"),
                                      ("DNS+", "dns-m10", "dns-m10-prefix"))}
 # paper Table 3 (NDCG@10) and their own logged GPU runs on their files (test NDCG@10 / Recall@10, best epoch):
@@ -136,12 +139,13 @@ def _ours_row(method: str, who: str, rows_trained: str, runs: list[tuple[dict, i
 
 def table(dataset: str = "LastFM") -> str:
     theirs = [r for r in read_results(THEIRS) if r.get("dataset") == dataset]
-    cells = load_grid(GRID, seeds=protocol_seeds(read_grid(GRID)))  # the chosen settings' seeds too
+    cells = [cell for grid in (GRID, AS_THEIRS)
+             for cell in load_grid(grid, seeds=protocol_seeds(read_grid(grid)))]  # the chosen settings' seeds too
     records = {r["key"]: r for r in read_results(cells[0].results) if r.get("status") == "ok"}
-    by_label: dict[str, list[dict]] = {}
+    by_label: dict[tuple[str, str], list[dict]] = {}
     for c in cells:
         if c.key in records:
-            by_label.setdefault(c.sampler, []).append(records[c.key])
+            by_label.setdefault((c.sampler, c.model_label), []).append(records[c.key])
     rows = ["| method | code | rows trained | runs | test NDCG@10 | test Recall@10 | best epochs | ours − theirs, NDCG@10 "
             "(Welch SE) | ours − theirs, Recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
     for method, ours in OURS.items():
@@ -149,10 +153,11 @@ def table(dataset: str = "LastFM") -> str:
         their = {m: [r["test"][m] for r in mine_runs] for m in ("ndcg@10", "recall@10")}
         rows.append(f"| {method} | theirs (CPU, our files) | prefix rows | {len(mine_runs)} | {_cell(their['ndcg@10'])} | "
                     f"{_cell(their['recall@10'])} | {', '.join(str(r['best_epoch']) for r in mine_runs) or '–'} | | |")
-        all_positions = ours[0][0]
-        for label, rows_trained in ours:
-            runs = [(r["test"], r["best_epoch"]) for r in by_label.get(label, [])]
-            rows.append(_ours_row(method, f"ours (`{label}`)", rows_trained, runs, their))
+        all_positions = ours[0][0][0]
+        for (label, model), rows_trained in ours:
+            runs = [(r["test"], r["best_epoch"]) for r in by_label.get((label, model), [])]
+            who = f"ours (`{label}`)" if model == "SASRec" else f"ours (`{label}`, `{model}`)"
+            rows.append(_ours_row(method, who, rows_trained, runs, their))
         score = THEIR_HISTORY_SCORE[method]
         if score != "-inf" and HISTORY_SCORE.exists():
             runs = [(r["test"][score], r["best_epoch"]) for r in json.loads(HISTORY_SCORE.read_text())["rows"]
