@@ -145,12 +145,12 @@ def validate(config: Config, user: dict) -> None:
     _check_choice(config, "candidate_distribution", CANDIDATE_DISTRIBUTIONS)
     _check_choice(config, "candidate_exclude", CANDIDATE_EXCLUDE)
     check_bool(config, "candidate_distinct")
-    kept = get_sampler(config["neg_sampler"]).cls.user_state_why
-    if config["candidate_exclude"] == "row" and kept:
+    module = get_sampler(config["neg_sampler"]).cls
+    if config["candidate_exclude"] == "row" and module.user_state_why:
         raise ValueError(f"candidate_exclude: row leaves a user's other items in a row's pool, but "
-                         f"neg_sampler={config['neg_sampler']} {kept}: an item kept for one row could be another "
-                         f"row's target; use candidate_exclude: user with it")
-    draws_pool = get_sampler(config["neg_sampler"]).cls.draws_pool  # False: the sampler checks its pool keys
+                         f"neg_sampler={config['neg_sampler']} {module.user_state_why}: an item kept for one row "
+                         f"could be another row's target; use candidate_exclude: user with it")
+    draws_pool = module.draws_pool  # False: the sampler checks its pool keys
     if draws_pool:
         check_number(config, "candidate_num", 1, integer=True)
         check_number(config, "top_m", 1, config["candidate_num"], integer=True)
@@ -174,7 +174,7 @@ def validate(config: Config, user: dict) -> None:
                 "holds <dataset>/<dataset>.inter (or the benchmark_filename parts; ml-100k ships with RecBole)"
             )
     check_time_column(config, user)
-    get_sampler(config["neg_sampler"]).cls.validate_config(config)
+    module.validate_config(config)
 
 
 def _check_general(config: Config) -> None:

@@ -101,12 +101,20 @@ class CandidatePoolSampler(Sampler):
         """Whether each ``(users[i], items[i])`` (same shapes, any) is a training interaction of the user."""
         return self.used_pairs.contains(users.reshape(-1), items.reshape(-1)).view(items.shape)
 
-    def _complement(self, user: int) -> torch.Tensor:
-        lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))
+    def _outside(self, excluded: torch.Tensor) -> torch.Tensor:
+        """Every item id but the padding id 0 and ``excluded``, ascending."""
         allowed = torch.ones(self.item_num, dtype=torch.bool)
         allowed[0] = False
-        allowed[self.used_ids[lo:hi] - user * self.item_num] = False
+        allowed[excluded] = False
         return allowed.nonzero().flatten()
+
+    def _allowed(self, user: int, row: torch.Tensor | None) -> torch.Tensor:
+        """Every item a pool of ``user`` (``exclude: user``: outside the user's training items) or of the row
+        holding ``row`` (``exclude: row``) may contain."""
+        if self.exclude == "row":
+            return self._outside(row)
+        lo, hi = torch.searchsorted(self.used_ids, torch.tensor([user * self.item_num, (user + 1) * self.item_num]))
+        return self._outside(self.used_ids[lo:hi] - user * self.item_num)
 
     def check_room(self, num: int, row_items: int) -> None:
         """``ValueError`` unless every row can get ``num`` distinct candidates (``candidate_distinct``): the
@@ -174,15 +182,6 @@ class CandidatePoolSampler(Sampler):
             bad |= again.view(-1)[todo]
         return bad
 
-    def _allowed(self, user: int, row: torch.Tensor | None) -> torch.Tensor:
-        """Every item a pool of ``user`` (``exclude: user``) or of the row holding ``row`` may contain."""
-        if self.exclude == "user":
-            return self._complement(user)
-        allowed = torch.ones(self.item_num, dtype=torch.bool)
-        allowed[0] = False
-        allowed[row] = False
-        return allowed.nonzero().flatten()
-
     def _pick(self, allowed: torch.Tensor, size: int) -> torch.Tensor:
         """``size`` positions into ``allowed``: by the pool's distribution, without replacement if ``distinct``."""
         if self.distribution == "popularity" and self.item_weights[allowed].sum() > 0 and (
@@ -215,7 +214,7 @@ class CandidateTrainDataLoader(TrainDataLoader):
         if self.candidate_num == 0:
             return torch.zeros(len(users), 0, dtype=torch.long)
         started = perf_counter()
-        pools = self._sampler.sample_pool(users, self.candidate_num, rows if self.excludes_rows else None)
+        pools = self._sampler.sample_pool(users, self.candidate_num, rows)
         self.sampling_seconds += perf_counter() - started
         return pools
 

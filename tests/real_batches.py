@@ -28,6 +28,23 @@ def sampler_setup(model_name: str, sampler: str, data: Path, tmp_path: Path, **o
     return config, model, optimizer, batch, train_data
 
 
+def pool_loader(data: Path, tmp_path: Path, dataset: str = "tiny", **overrides):
+    """``(config, dataset, loader)``: SASRec's RecBole training rows on ``data/dataset`` in the candidate loader."""
+    config = create_config("SASRec", dataset, config_dict=tiny_config(data, tmp_path, **overrides))
+    built = create_dataset(config)
+    train_data, _, _ = data_preparation(config, built)
+    return config, built, candidate_train_loader(config, train_data)
+
+
+def training_items(loader) -> dict[int, set[int]]:
+    """Each user's training items (targets and sequence items) in the loader's dataset."""
+    inter, seq_field = loader._dataset.inter_feat, loader._sampler.item_seq_field
+    items: dict[int, set[int]] = {}
+    for user, target, seq in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter[seq_field].tolist()):
+        items.setdefault(user, set()).update([target, *[i for i in seq if i > 0]])
+    return items
+
+
 def last_checkpoint(root: Path) -> dict:
     """The run's Lightning ``last.ckpt`` under ``root/saved``, loaded as plain tensors and values."""
     (path,) = root.glob("saved/*-lightning/last.ckpt")

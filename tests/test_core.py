@@ -10,40 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recbole.data import create_dataset, data_preparation
 from recbole.model.loss import BPRLoss
 
 from conftest import tiny_config, write_dataset
+from real_batches import pool_loader, training_items
 from recbole_mdcns import run_recbole
 from recbole_mdcns.config import create_config
-from recbole_mdcns.data import CANDIDATES, candidate_train_loader
+from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.losses import bce_loss, bpr_loss
 from recbole_mdcns.strategies import TopMNegative
 
 RECBOLE_KEYS = {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
 
 
-def _train_loader(data_path: Path, tmp_path: Path, dataset: str = "tiny", **overrides):
-    config = create_config("SASRec", dataset, config_dict=tiny_config(data_path, tmp_path, **overrides))
-    ds = create_dataset(config)
-    train_data, _, _ = data_preparation(config, ds)
-    return config, ds, candidate_train_loader(config, train_data)
-
-
-def _training_history(train_loader) -> dict[int, set[int]]:
-    inter = train_loader._dataset.inter_feat
-    history: dict[int, set[int]] = {}
-    seq_field = train_loader._sampler.item_seq_field
-    for user, target, seq in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter[seq_field].tolist()):
-        history.setdefault(user, set()).update([target, *[i for i in seq if i > 0]])
-    return history
-
-
 # --- candidate pool -------------------------------------------------------------------------
 
 def test_pool_excludes_training_history_and_keeps_rows(tiny_data, in_tmp):
-    config, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=30)
-    history = _training_history(loader)
+    config, ds, loader = pool_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=30)
+    history = training_items(loader)
     batch = next(iter(loader))
     cands = batch[CANDIDATES]
     assert cands.shape == (len(batch), 30)
@@ -54,7 +38,7 @@ def test_pool_excludes_training_history_and_keeps_rows(tiny_data, in_tmp):
 
 
 def test_used_bitmap_matches_the_used_pairs(tiny_data, in_tmp):
-    _, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=5)
+    _, ds, loader = pool_loader(tiny_data, in_tmp, neg_sampler="dns", candidate_num=5)
     sampler = loader._sampler
     users = torch.arange(ds.user_num).repeat_interleave(ds.item_num)
     items = torch.arange(ds.item_num).repeat(ds.user_num)
@@ -68,7 +52,7 @@ def test_pool_for_user_with_almost_every_item_terminates(tmp_path, in_tmp):
     lines = inter.read_text().splitlines()
     lines += [f"u999\ti{item}\t5\t{t}" for t, item in enumerate(range(1, 21))]  # every item, in order
     inter.write_text("\n".join(lines) + "\n")
-    _, ds, loader = _train_loader(root, in_tmp, dataset="dense", neg_sampler="dns", candidate_num=15)
+    _, ds, loader = pool_loader(root, in_tmp, dataset="dense", neg_sampler="dns", candidate_num=15)
     user = ds.field2token_id["user_id"]["u999"]
     allowed = {ds.field2token_id["item_id"]["i19"], ds.field2token_id["item_id"]["i20"]}  # valid/test targets
     pool = loader._sampler.sample_pool(torch.full((4,), user), 15)
@@ -76,7 +60,7 @@ def test_pool_for_user_with_almost_every_item_terminates(tmp_path, in_tmp):
 
 
 def test_popularity_pool_follows_counts(tiny_data, in_tmp):
-    _, ds, loader = _train_loader(tiny_data, in_tmp, neg_sampler="popularity")
+    _, ds, loader = pool_loader(tiny_data, in_tmp, neg_sampler="popularity")
     sampler = loader._sampler
     draws = sampler._draw(200_000)
     freq = torch.bincount(draws, minlength=ds.item_num).double()

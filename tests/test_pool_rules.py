@@ -6,35 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from recbole.data import create_dataset, data_preparation
 
 from conftest import tiny_config, write_dataset
+from real_batches import pool_loader, training_items
 from recbole_mdcns import run_recbole
 from recbole_mdcns.config import create_config
-from recbole_mdcns.data import CANDIDATES, candidate_train_loader
+from recbole_mdcns.data import CANDIDATES
 from recbole_mdcns.full_sequence import (
     ROW_POSITION, ROW_WINDOW, WINDOW_SEQ, WindowBatchSampler, WindowCollate, Windows, user_sequences,
 )
 
 
 def _loader(data: Path, tmp: Path, dataset: str = "tiny", **overrides):
-    config = create_config("SASRec", dataset, config_dict=tiny_config(data, tmp, neg_sampler="dns", **overrides))
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    return candidate_train_loader(config, train_data)
-
-
-def _user_items(loader) -> dict[int, set[int]]:
-    inter, seq_field = loader._dataset.inter_feat, loader._sampler.item_seq_field
-    items: dict[int, set[int]] = {}
-    for user, target, seq in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter[seq_field].tolist()):
-        items.setdefault(user, set()).update([target, *[i for i in seq if i > 0]])
-    return items
+    return pool_loader(data, tmp, dataset, neg_sampler="dns", **overrides)[2]
 
 
 def test_row_rule_excludes_the_rows_own_items_and_draws_the_users_later_ones(tiny_data, in_tmp):
     loader = _loader(tiny_data, in_tmp, candidate_num=30, candidate_exclude="row")
-    user_items, later = _user_items(loader), 0
+    user_items, later = training_items(loader), 0
     for batch in loader:
         seqs, targets = batch[loader._sampler.item_seq_field].tolist(), batch["item_id"].tolist()
         for user, seq, target, pool in zip(batch["user_id"].tolist(), seqs, targets, batch[CANDIDATES].tolist()):
@@ -48,7 +37,7 @@ def test_distinct_pools_hold_no_item_twice_and_keep_the_rule(tiny_data, in_tmp):
     loose = _loader(tiny_data, in_tmp, candidate_num=30)
     assert any(len(set(pool)) < 30 for pool in next(iter(loose))[CANDIDATES].tolist())  # draws with replacement
     loader = _loader(tiny_data, in_tmp, candidate_num=30, candidate_distinct=True)
-    user_items = _user_items(loader)
+    user_items = training_items(loader)
     for batch in loader:
         for user, pool in zip(batch["user_id"].tolist(), batch[CANDIDATES].tolist()):
             assert len(set(pool)) == 30 and not user_items[user] & set(pool)

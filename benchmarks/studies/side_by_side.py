@@ -44,11 +44,11 @@ THEIRS = REPO_ROOT / "benchmarks" / "results" / "authors_code.jsonl"
 GRID = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm.yaml"
 AS_THEIRS = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm_as_theirs.yaml"  # SASRecRightAligned
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
-# method -> our cells (sampler, model) and what each trains: all positions first (the cell the "history at 0" row
+# method -> our cells as (sampler, model, what it trains): all positions first (the cell the "history at 0" row
 # re-tests), then prefix rows as their code trains, then with their code's pools, then with their SASRec's positions
-OURS = {method: (((cell, "SASRec"), "all positions"), ((prefix, "SASRec"), "prefix rows"),
-                 ((f"{prefix}-their-pools", "SASRec"), "prefix rows, their pools"),
-                 ((f"{prefix}-their-pools", "SASRecRightAligned"), "prefix rows, their pools, their SASRec positions"))
+OURS = {method: [(cell, "SASRec", "all positions"), (prefix, "SASRec", "prefix rows"),
+                 (f"{prefix}-their-pools", "SASRec", "prefix rows, their pools"),
+                 (f"{prefix}-their-pools", "SASRecRightAligned", "prefix rows, their pools, their SASRec positions")]
         for method, cell, prefix in (("MDCNS", "mdcns-g0.3-t5", "mdcns-prefix"),
                                      ("DNS+", "dns-m10", "dns-m10-prefix"))}
 # paper Table 3 (NDCG@10) and their own logged GPU runs on their files (test NDCG@10 / Recall@10, best epoch):
@@ -153,8 +153,8 @@ def table(dataset: str = "LastFM") -> str:
         their = {m: [r["test"][m] for r in mine_runs] for m in ("ndcg@10", "recall@10")}
         rows.append(f"| {method} | theirs (CPU, our files) | prefix rows | {len(mine_runs)} | {_cell(their['ndcg@10'])} | "
                     f"{_cell(their['recall@10'])} | {', '.join(str(r['best_epoch']) for r in mine_runs) or '–'} | | |")
-        all_positions = ours[0][0][0]
-        for (label, model), rows_trained in ours:
+        all_positions = ours[0][0]
+        for label, model, rows_trained in ours:
             runs = [(r["test"], r["best_epoch"]) for r in by_label.get((label, model), [])]
             who = f"ours (`{label}`)" if model == "SASRec" else f"ours (`{label}`, `{model}`)"
             rows.append(_ours_row(method, who, rows_trained, runs, their))
