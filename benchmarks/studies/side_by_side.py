@@ -48,7 +48,7 @@ METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 # re-tests), then prefix rows as their code trains, then with their code's pools, then with their SASRec's positions
 OURS = {method: [(cell, "SASRec", "all positions"), (prefix, "SASRec", "prefix rows"),
                  (f"{prefix}-their-pools", "SASRec", "prefix rows, their pools"),
-                 (f"{prefix}-their-pools", "SASRecRightAligned", "prefix rows, their pools, their SASRec positions")]
+                 (f"{prefix}-their-pools", "SASRecRightAligned", "prefix rows, their pools, their left padding")]
         for method, cell, prefix in (("MDCNS", "mdcns-g0.3-t5", "mdcns-prefix"),
                                      ("DNS+", "dns-m10", "dns-m10-prefix"))}
 # paper Table 3 (NDCG@10) and their own logged GPU runs on their files (test NDCG@10 / Recall@10, best epoch):

@@ -157,9 +157,12 @@ def install_hook() -> None:
 
 def _register_builtin_models() -> None:
     from recbole_mdcns.config import packaged_yaml
+    from recbole_mdcns.models.gru4rec_right_aligned import GRU4RecRightAligned
     from recbole_mdcns.models.mamba4rec import Mamba4Rec
     from recbole_mdcns.models.sasrec_right_aligned import SASRecRightAligned
 
     register_model("Mamba4Rec", Mamba4Rec, config_file=packaged_yaml("models/Mamba4Rec"))
     register_model("SASRecRightAligned", SASRecRightAligned,
                    config_file=os.path.join(_RECBOLE_MODEL_YAMLS, "SASRec.yaml"))  # SASRec's own defaults
+    register_model("GRU4RecRightAligned", GRU4RecRightAligned,
+                   config_file=os.path.join(_RECBOLE_MODEL_YAMLS, "GRU4Rec.yaml"))
