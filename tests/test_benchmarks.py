@@ -694,6 +694,7 @@ def test_their_logs_give_best_epoch_and_test_as_their_code_prints_them():
     assert parsed["best_epoch"] == 2 and parsed["epochs"] == 3 and parsed["valid_ndcg@20"] == [0.02, 0.01, 0.03]
     assert compare([0.10, 0.11, 0.12], [0.105]).endswith("inside our seeds' range")
     assert compare([0.10, 0.11, 0.12], [0.13]).endswith("outside our seeds' range")
+    assert compare([0.10], [0.105]) == "-0.0050 (4.8%); one run each: no spread to test against"
     assert compare([0.100, 0.101, 0.102], [0.100, 0.101, 0.102]).endswith("met")
     assert compare([0.100, 0.101, 0.102], [0.120, 0.121, 0.122]).endswith("missed")
 

@@ -120,6 +120,8 @@ def compare(ours: list[float], theirs: list[float]) -> str:
     (m1, s1, n1), (m2, s2, n2) = _mean_std(ours), _mean_std(theirs)
     diff = m1 - m2
     relative = abs(diff) / m2 if m2 else math.inf
+    if n1 == 1 and n2 == 1:
+        return f"{diff:+.4f} ({relative:.1%}); one run each: no spread to test against"
     if n2 == 1:
         inside = min(ours) <= m2 <= max(ours)
         return f"{diff:+.4f} ({relative:.1%}); theirs {'inside' if inside else 'outside'} our seeds' range"
