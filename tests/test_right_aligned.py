@@ -15,16 +15,18 @@ from recbole_mdcns.config import create_config
 from recbole_mdcns.models.gru4rec_right_aligned import GRU4RecRightAligned
 from recbole_mdcns.models.sasrec_right_aligned import SASRecRightAligned
 
-# each model, a key its RecBole YAML sets by default (unset in tiny's config) and that default
-DEFAULTS = {SASRecRightAligned: ("hidden_act", "gelu"), GRU4RecRightAligned: ("dropout_prob", 0.3)}
+# each model: a key tiny's config sets over its RecBole YAML's default, with tiny's value, and a key only the
+# YAML sets, with its default
+DEFAULTS = {SASRecRightAligned: (("inner_size", 32), ("hidden_act", "gelu")),
+            GRU4RecRightAligned: (("hidden_size", 16), ("dropout_prob", 0.3))}
 
 
 @pytest.mark.parametrize("cls", list(DEFAULTS))
 def test_outputs_equal_recboles_model_on_left_padded_rows(tiny_data, in_tmp, cls):
     config = create_config(cls.__name__, "tiny", config_dict=tiny_config(tiny_data, in_tmp, neg_sampler="dns",
                                                                          candidate_num=5))
-    key, default = DEFAULTS[cls]
-    assert config[key] == default  # the RecBole model's own YAML defaults
+    (tiny_key, tiny_value), (key, default) = DEFAULTS[cls]
+    assert (config[tiny_key], config[key]) == (tiny_value, default)  # tiny's value; the RecBole model's YAML default
     assert recbole.utils.get_model(cls.__name__) is cls  # RecBole's own lookup finds it
     init_seed(config["seed"], True)
     train, _, _ = data_preparation(config, create_dataset(config))
