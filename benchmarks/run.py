@@ -262,8 +262,9 @@ def _entries(raw, name_key: str | None, what: str) -> list[tuple[str, str | None
 
 def read_grid(path: str | Path) -> dict:
     """A grid file's mapping. ``extends: OTHER.yaml`` (beside it) takes every key of that grid but ``name``,
-    this file's keys replacing its keys -- but ``config`` and ``samplers`` are merged into the other's, and so
-    is ``selection`` key by key, its ``families``, ``priority`` and ``claims`` lists appended to the other's."""
+    this file's keys replacing its keys -- but ``config`` and ``samplers`` are merged into the other's (a sampler
+    both name: this file's keys over the other's), and so is ``selection`` key by key, its ``families``,
+    ``priority`` and ``claims`` lists appended to the other's."""
     path = Path(path)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
@@ -271,9 +272,12 @@ def read_grid(path: str | Path) -> dict:
         return raw
     parent = read_grid(path.parent / raw.pop("extends"))
     parent.pop("name", None)
-    for key in ("config", "samplers"):
-        if key in raw and key in parent:
-            raw[key] = {**parent[key], **raw[key]}
+    if "config" in raw and "config" in parent:
+        raw["config"] = {**parent["config"], **raw["config"]}
+    if "samplers" in raw and "samplers" in parent:
+        samplers = parent["samplers"]
+        raw["samplers"] = {**samplers, **{name: {**samplers.get(name, {}), **sampler}
+                                          for name, sampler in raw["samplers"].items()}}
     if "selection" in raw and "selection" in parent:
         appended = {k: list(parent["selection"].get(k) or []) + list(raw["selection"][k])
                     for k in ("families", "priority", "claims") if k in raw["selection"]}

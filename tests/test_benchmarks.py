@@ -606,7 +606,8 @@ def test_a_reference_family_is_never_the_best_baseline(tmp_path):
 
 
 def test_a_grid_extends_another_and_runs_a_dataset_in_the_authors_protocol(tmp_path, monkeypatch):
-    """``extends:`` takes the other grid, merging config, samplers and selection; a dataset's ``user_split:``
+    """``extends:`` takes the other grid, merging config, samplers (a sampler both name, key by key) and
+    selection; a dataset's ``user_split:``
     writes the split once (under the harness's data folder) and each cell trains on it with the history mask,
     recording each evaluated row's user where a user has several rows (every prefix held out)."""
     monkeypatch.chdir(tmp_path)
@@ -621,12 +622,13 @@ def test_a_grid_extends_another_and_runs_a_dataset_in_the_authors_protocol(tmp_p
     split = {"inter": "data/tiny/tiny.inter", "seed": 3, "ratios": [0.6, 0.2, 0.2], "heldout": "prefixes"}
     child = {"extends": "base.yaml", "results": str(tmp_path / "authors.jsonl"), "config": {"stopping_step": 30},
              "datasets": {"tiny-users": {"user_split": split}},
-             "samplers": {"dns": {"neg_sampler": "dns", "candidate_num": 5}},
+             "samplers": {"dns": {"neg_sampler": "dns", "candidate_num": 5}, "uniform": {"neg_loss": "bpr"}},
              "selection": {"metric": "ndcg@20", "families": [{"name": "DNS", "members": ["dns"]}]}}
     grid = tmp_path / "child.yaml"
     grid.write_text(yaml.safe_dump(child))
     raw = run.read_grid(grid)
     assert raw["config"] == {"epochs": 1, "stopping_step": 30} and set(raw["samplers"]) == {"uniform", "dns"}
+    assert raw["samplers"]["uniform"] == {"neg_sampler": "uniform", "neg_loss": "bpr"}  # a sampler both name: merged
     assert raw["selection"]["metric"] == "ndcg@20" and raw["selection"]["claims"] == []
     assert [f["name"] for f in raw["selection"]["families"]] == ["RNS", "DNS"]
     cells = run.load_grid(grid)

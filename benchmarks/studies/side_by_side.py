@@ -45,7 +45,7 @@ GRID = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm.yaml"
 AS_THEIRS = REPO_ROOT / "benchmarks" / "grids" / "authors_lastfm_as_theirs.yaml"  # SASRecRightAligned
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 # method -> our cells as (sampler, model, what it trains): all positions first (the cell the "history at 0" row
-# re-tests), then prefix rows as their code trains, then with their code's pools, then with their SASRec's positions
+# re-tests), then prefix rows as their code trains, then with their code's pools, then with their models' left padding
 OURS = {method: [(cell, "SASRec", "all positions"), (prefix, "SASRec", "prefix rows"),
                  (f"{prefix}-their-pools", "SASRec", "prefix rows, their pools"),
                  (f"{prefix}-their-pools", "SASRecRightAligned", "prefix rows, their pools, their left padding")]
