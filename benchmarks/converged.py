@@ -131,7 +131,7 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
                             families=OrderedDict(), claims=[tuple(pair) for pair in spec.get("claims") or []],
                             priority=list(spec.get("priority") or []),
                             cap=int(next(iter(configs.values())).get("epochs", 0)),
-                            patience=int(next(iter(configs.values())).get("stopping_step", 0)))
+                            patience=_patience_epochs(next(iter(configs.values()))))
         for entry in spec["families"]:
             unknown = [m for m in entry["members"] if m not in labels]
             if unknown:
@@ -278,6 +278,11 @@ def best_baseline(evidence: Evidence) -> Family | None:
     scored = [(statistics.fmean(f.values(evidence.metric, "valid").values()), f)
               for f in evidence.families.values() if f.role == "baseline" and f.values(evidence.metric, "valid")]
     return max(scored, key=lambda vf: vf[0])[1] if scored else None
+
+
+def _patience_epochs(config: dict) -> int:
+    """Epochs a run goes on after its best: RecBole's ``stopping_step`` counts evaluations, one every ``eval_step``."""
+    return int(config.get("stopping_step", 0)) * int(config.get("eval_step", 1))
 
 
 def render_dataset(e: Evidence) -> list[str]:

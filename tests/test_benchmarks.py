@@ -201,7 +201,8 @@ def test_converged_protocol_chooses_on_validation_and_orders_the_work(tmp_path):
     per seed, and the runnable cells come in priority order (tuning, then seeds)."""
     from benchmarks import converged
 
-    grid = {"name": "protocol", "results": str(tmp_path / "r.jsonl"), "config": {"epochs": 100, "stopping_step": 5},
+    grid = {"name": "protocol", "results": str(tmp_path / "r.jsonl"),
+            "config": {"epochs": 100, "stopping_step": 5, "eval_step": 2},
             "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["SASRec"],
             "samplers": {"u": {"neg_sampler": "uniform"}, "d1": {"neg_sampler": "dns", "top_m": 1},
                          "d3": {"neg_sampler": "dns", "top_m": 3},
@@ -238,6 +239,7 @@ def test_converged_protocol_chooses_on_validation_and_orders_the_work(tmp_path):
     assert seeds == [2020, 2021] and [round(d, 4) for d in diffs] == [0.2, -0.1]
     text = "\n".join(converged.render_dataset(evidence))
     assert "| MDCNS > DNS+ | 2020: +0.2000, 2021: -0.1000 | +0.0500 ± 0.2121 (1/2 seeds > 0) | mixed |" in text
+    assert "A run ends 10 epochs after its best" in text  # 5 evaluations without gain, one every 2 epochs
 
 
 def test_a_family_with_its_own_seeds_asks_for_no_others(tmp_path):
