@@ -570,8 +570,9 @@ def _describe(record: dict) -> str:
     if record.get("status") != "ok":
         return f"ERROR {record.get('error')}"
     test = record.get("test") or {}
+    metric = str((record.get("config") or {}).get("valid_metric", "NDCG@10"))
     spe = record.get("seconds_per_epoch")
-    return (f"ok: test NDCG@10 {test.get('ndcg@10', float('nan')):.4f}, epochs {record.get('epochs')}, "
+    return (f"ok: test {metric} {test.get(metric.lower(), float('nan')):.4f}, epochs {record.get('epochs')}, "
             f"{'%.1f' % spe if spe else '?'} s/epoch, {record.get('wall_seconds', 0):.0f}s")
 
 

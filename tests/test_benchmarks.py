@@ -746,3 +746,11 @@ def test_park_takes_a_converged_grids_further_seeds_too(tmp_path, monkeypatch):
     run_recbole(cell.model, cell.dataset, config_dict=dict(cell.run_config(workdir), epochs=1))
     run.main(["--grid", str(path), "--park", "--workdir", str(workdir)])
     assert run.parked_dir(cell).is_dir()
+
+
+def test_a_finished_cell_is_described_by_its_own_validation_metric():
+    """The runner's one-line summary reports the test value of the metric the cell selects on (the general
+    grids select on NDCG@20 and record no NDCG@10)."""
+    record = {"status": "ok", "config": {"valid_metric": "NDCG@20"}, "test": {"ndcg@20": 0.3672, "recall@20": 0.2371},
+              "epochs": 70, "seconds_per_epoch": 18.3, "wall_seconds": 1333}
+    assert run._describe(record) == "ok: test NDCG@20 0.3672, epochs 70, 18.3 s/epoch, 1333s"
