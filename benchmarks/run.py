@@ -193,7 +193,7 @@ def park(cells: list[Cell], workdir: Path | None = None, parked: Path | None = N
     from the scratch folder into ``<parked>/<grid>/<key>/`` (``benchmarks/parked``, which is committed), so
     that a session on a fresh machine resumes the cell where this one stopped; drop the parked copy of each
     finished cell. Stop the drivers first (a copy taken mid-write would be torn). Returns the cells parked."""
-    from recbole_mdcns.trainer import best_model_beside
+    from recbole_mdcns.trainer import best_model_of
 
     done = set().union(*(finished_keys(results) for results in {c.results for c in cells}))
     kept = []
@@ -205,7 +205,7 @@ def park(cells: list[Cell], workdir: Path | None = None, parked: Path | None = N
         shutil.rmtree(target, ignore_errors=True)
         if cell.key in done:
             continue
-        best = Path(best_model_beside(str(last.parent)))
+        best = Path(best_model_of(str(last)))
         (target / last.parent.name).mkdir(parents=True)
         shutil.copy2(last, target / last.parent.name / last.name)  # last.ckpt first: the best model is as new
         if best.exists():

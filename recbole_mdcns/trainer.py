@@ -222,16 +222,28 @@ class RecBoleEpochEnd(pl.Callback):
         resumed = self.rb.config["resume_from"]
         if not os.path.exists(self.rb.saved_model_file) and resumed:
             # the run's folder was moved (e.g. parked and restored on another machine): its best model is still
-            # the one beside the checkpoint's folder, as ``lightning_dir`` names them
-            self.rb.saved_model_file = best_model_beside(os.path.dirname(os.path.abspath(resumed)))
+            # the file of that name beside the checkpoint's folder
+            self.rb.saved_model_file = best_model_beside(os.path.dirname(os.path.abspath(resumed)),
+                                                         self.rb.saved_model_file)
         if self.rb.best_valid_result is not None:
             self.rb.best_valid_result = OrderedDict(self.rb.best_valid_result)
 
 
-def best_model_beside(lightning_dir: str) -> str:
-    """The best-model file of the run whose ``last.ckpt`` folder is ``lightning_dir`` (the trainer names the
-    folder ``<best model file without .pth>-lightning``)."""
-    return lightning_dir.removesuffix("-lightning") + ".pth"
+def best_model_beside(lightning_dir: str, saved_model_file: str) -> str:
+    """The best-model file of the run whose ``last.ckpt`` folder is ``lightning_dir``, wherever the run's folders
+    were moved: the file the run named ``saved_model_file`` (as its checkpoint records it), in the folder above
+    ``lightning_dir``. A run names ``lightning_dir`` after its best-model file, but a resumed run writes its
+    ``last.ckpt`` into a folder named after its own start while it goes on saving the first attempt's file."""
+    return os.path.join(os.path.dirname(lightning_dir), os.path.basename(saved_model_file))
+
+
+def best_model_of(checkpoint: str) -> str:
+    """:func:`best_model_beside` for a ``last.ckpt``, from the best-model file its epoch-end state records."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    recorded = state.get("callbacks", {}).get(RecBoleEpochEnd.__name__, {}).get("saved_model_file")
+    if recorded is None:
+        raise ValueError(f"{checkpoint}: records no best-model file (not a checkpoint of this package's trainer)")
+    return best_model_beside(os.path.dirname(os.path.abspath(checkpoint)), recorded)
 
 
 def _world_size() -> int:

@@ -148,6 +148,33 @@ def test_a_parked_cell_resumes_on_a_fresh_machine_as_if_never_stopped(tmp_path, 
     assert run.park(cells, tmp_path / "new-machine") == [] and not run.parked_dir(cell).exists()  # finished: dropped
 
 
+def test_a_cell_parked_twice_keeps_its_best_model(tmp_path, monkeypatch):
+    """A cell resumed from its parked checkpoints writes its next ``last.ckpt`` into a folder named after its
+    own start while its best model keeps the first attempt's name; parked again, the best model goes with it, and
+    a third machine finishes the cell as the uninterrupted run does."""
+    from dataclasses import replace
+
+    from recbole_mdcns import run_recbole
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "PARKED", tmp_path / "parked")
+    (first,) = [c for c in run.load_grid(_grid(tmp_path)) if c.sampler == "dns-10" and c.seed == 2020]
+    cell = replace(first, config={**first.config, "epochs": 3}, key="")
+    uninterrupted = run.run_cell(cell, tmp_path / "uninterrupted", "test")
+    for machine, epochs in (("a", 1), ("b", 2)):  # stopped after epoch 0 on one machine, after epoch 1 on the next
+        run_recbole(cell.model, cell.dataset, config_dict=dict(cell.run_config(tmp_path / machine), epochs=epochs))
+        assert run.park([cell], tmp_path / machine) == [cell]
+        shutil.rmtree(tmp_path / machine)
+    parked = run.parked_dir(cell)
+    (lightning,) = [p.name for p in parked.iterdir() if p.is_dir()]
+    (best,) = [p.name for p in parked.glob("*.pth")]
+    assert best.removesuffix(".pth") + "-lightning" != lightning  # the second attempt's folder, the first's model
+    resumed = run.run_cell(cell, tmp_path / "c", "test")
+    assert resumed["status"] == "ok", resumed.get("traceback")
+    assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
+    assert resumed["epochs"] == uninterrupted["epochs"] == 3
+
+
 def test_results_file_tolerates_torn_lines(tmp_path):
     path = tmp_path / "r.jsonl"
     run.append_result(path, {"key": "a", "status": "ok"})
