@@ -123,6 +123,7 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
     for dataset, model in OrderedDict.fromkeys((c.dataset_label, c.model_label) for c in cells):
         mine = [c for c in cells if c.dataset_label == dataset and c.model_label == model]
         configs = {c.sampler: c.config for c in mine if c.seed == int(spec["tuning_seed"])}
+        shared = next(iter(configs.values()))  # the protocol's settings, the same in every cell
         evidence = Evidence(grid=raw.get("name", Path(grid_path).stem), dataset=dataset, model=model,
                             title=dataset if len(models) == 1 else f"{dataset}, {model}", metric=spec["metric"],
                             tuning_seed=int(spec["tuning_seed"]), seeds=[int(s) for s in spec["seeds"]],
@@ -130,8 +131,7 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
                             cells={(c.sampler, c.seed): c for c in mine},
                             families=OrderedDict(), claims=[tuple(pair) for pair in spec.get("claims") or []],
                             priority=list(spec.get("priority") or []),
-                            cap=int(next(iter(configs.values())).get("epochs", 0)),
-                            patience=_patience_epochs(next(iter(configs.values()))))
+                            cap=int(shared.get("epochs", 0)), patience=_patience_epochs(shared))
         for entry in spec["families"]:
             unknown = [m for m in entry["members"] if m not in labels]
             if unknown:
