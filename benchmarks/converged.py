@@ -310,11 +310,13 @@ def render_dataset(e: Evidence) -> list[str]:
                      f"{record['test'][m]:.4f} | {record.get('best_epoch')} | {record.get('epochs')}{bound} | "
                      f"{'' if peer is None else f'{peer:.4f}'} | {'' if ens is None else f'{ens:.4f}'} |")
     base = best_baseline(e)
+    recall_at = "recall@" + m.split("@")[1]  # Recall at the selection metric's cutoff (@10 sequential, @20 general)
     lines += ["", f"### Chosen settings over seeds {', '.join(map(str, e.seeds))}", "",
-              f"Test {m.upper()} and Recall@10, mean ± std over the seeds run (n); validation {m.upper()} likewise; "
+              f"Test {m.upper()} and {recall_at.capitalize()}, mean ± std over the seeds run (n); validation "
+              f"{m.upper()} likewise; "
               f"best epochs per seed. Paired difference: test {m.upper()} minus the best baseline's "
               f"(**{base.name if base else '–'}**, best mean validation among baselines) on the same seed.", "",
-              f"| method | setting | test {m} | test recall@10 | valid {m} | best epochs | vs best baseline |",
+              f"| method | setting | test {m} | test {recall_at} | valid {m} | best epochs | vs best baseline |",
               "|---|---|---|---|---|---|---|"]
     for f in e.families.values():
         if f.chosen is None:
@@ -325,7 +327,7 @@ def render_dataset(e: Evidence) -> list[str]:
                          "| | | | |")
             continue
         test, valid = _mean_std(list(f.values(m).values())), _mean_std(list(f.values(m, "valid").values()))
-        recall = _mean_std(list(f.values("recall@10").values()))
+        recall = _mean_std(list(f.values(recall_at).values()))
         epochs = ", ".join(str(r.get("best_epoch")) for _, r in sorted(f.records.items()))
         diff = "–" if base is None or f is base else _fmt_paired(paired(f, base, m)[0])
         lines.append(f"| {f.name}{' *' if f.role == 'proposed' else ''} | `{f.chosen}` ({f.why}) | "
