@@ -91,6 +91,7 @@ class Evidence:
     priority: list[str] = field(default_factory=list)
     cap: int = 0
     patience: int = 0
+    eval_step: int = 1
 
     title: str = ""  # the dataset, and the model where its grid has several
 
@@ -131,7 +132,8 @@ def build(grid_path: str, records_by_key: dict[str, dict]) -> list[Evidence]:
                             cells={(c.sampler, c.seed): c for c in mine},
                             families=OrderedDict(), claims=[tuple(pair) for pair in spec.get("claims") or []],
                             priority=list(spec.get("priority") or []),
-                            cap=int(shared.get("epochs", 0)), patience=_patience_epochs(shared))
+                            cap=int(shared.get("epochs", 0)), patience=_patience_epochs(shared),
+                            eval_step=int(shared.get("eval_step", 1)))
         for entry in spec["families"]:
             unknown = [m for m in entry["members"] if m not in labels]
             if unknown:
@@ -285,13 +287,23 @@ def _patience_epochs(config: dict) -> int:
     return int(config.get("stopping_step", 0)) * int(config.get("eval_step", 1))
 
 
+def _best_epoch(e: Evidence, record: dict) -> str:
+    """The record's best epoch, ``first!`` where validations are ``eval_step > 1`` epochs apart and the best was
+    the first of them (after epoch ``eval_step - 1``): the peak may lie before it, the schedule is too coarse."""
+    best = record.get("best_epoch")
+    first = e.eval_step > 1 and best is not None and best < e.eval_step
+    return f"{best} first!" if first else str(best)
+
+
 def render_dataset(e: Evidence) -> list[str]:
     m = e.metric
     lines = [f"## {e.title} (grid `{e.grid}`)", "",
              f"### Tuning (seed {e.tuning_seed}): every cell", "",
              f"Chosen on validation {m.upper()}; `*` marks a family's choice. Peer / ensemble: MDCNS's peer and "
              f"self+peer ensemble validation {m.upper()} at the self model's best epoch. A run ends {e.patience} "
-             f"epochs after its best (epoch cap {e.cap}: `cap!` where it bound).", "",
+             f"epochs after its best (epoch cap {e.cap}: `cap!` where it bound"
+             + (f"; `first!`: the best was the run's first validation, after epoch {e.eval_step - 1}, so the peak may "
+                "lie before it" if e.eval_step > 1 else "") + ").", "",
              f"| cell | family | valid {m} | test {m} | best epoch | epochs | peer | ensemble |", "|---|---|---|---|---|---|---|---|"]
     family_of = OrderedDict()
     for f in e.families.values():
@@ -307,7 +319,7 @@ def render_dataset(e: Evidence) -> list[str]:
         peer, ens = _at_best(record, "peer", m), _at_best(record, "ensemble", m)
         bound = " cap!" if e.cap and record.get("epochs", 0) >= e.cap else ""
         lines.append(f"| {label}{' *' if label in chosen else ''} | {fams} | {record['valid'][m]:.4f} | "
-                     f"{record['test'][m]:.4f} | {record.get('best_epoch')} | {record.get('epochs')}{bound} | "
+                     f"{record['test'][m]:.4f} | {_best_epoch(e, record)} | {record.get('epochs')}{bound} | "
                      f"{'' if peer is None else f'{peer:.4f}'} | {'' if ens is None else f'{ens:.4f}'} |")
     base = best_baseline(e)
     recall_at = "recall@" + m.split("@")[1]  # Recall at the selection metric's cutoff (@10 sequential, @20 general)
@@ -328,7 +340,7 @@ def render_dataset(e: Evidence) -> list[str]:
             continue
         test, valid = _mean_std(list(f.values(m).values())), _mean_std(list(f.values(m, "valid").values()))
         recall = _mean_std(list(f.values(recall_at).values()))
-        epochs = ", ".join(str(r.get("best_epoch")) for _, r in sorted(f.records.items()))
+        epochs = ", ".join(_best_epoch(e, r) for _, r in sorted(f.records.items()))
         diff = "–" if base is None or f is base else _fmt_paired(paired(f, base, m)[0])
         lines.append(f"| {f.name}{' *' if f.role == 'proposed' else ''} | `{f.chosen}` ({f.why}) | "
                      f"{_fmt(*test)} (n={test[2]}) | {_fmt(*recall)} | {_fmt(*valid)} | {epochs} | {diff} |")

@@ -292,11 +292,13 @@ def test_a_family_with_its_own_seeds_asks_for_no_others(tmp_path):
     assert "seeds 2020 only, by the grid" in "\n".join(converged.render_dataset(evidence))
 
 
-def test_the_chosen_settings_table_gives_recall_at_the_selection_metrics_cutoff(tmp_path):
-    """A grid selecting on NDCG@20 (the general models' protocol) reports Recall@20 beside it, not Recall@10."""
+def test_the_report_gives_recall_at_the_selection_cutoff_and_flags_a_best_first_validation(tmp_path):
+    """A grid selecting on NDCG@20 (the general models' protocol) reports Recall@20 beside it, not Recall@10;
+    with a validation every 5 epochs, a best at the first of them (epoch 4) is flagged: the peak may be earlier."""
     from benchmarks import converged
 
-    grid = {"name": "at20", "results": str(tmp_path / "r.jsonl"), "config": {"epochs": 100, "stopping_step": 5},
+    grid = {"name": "at20", "results": str(tmp_path / "r.jsonl"),
+            "config": {"epochs": 100, "stopping_step": 5, "eval_step": 5},
             "datasets": {"tiny": {"data_path": str(tmp_path)}}, "models": ["BPR"],
             "samplers": {"u": {"neg_sampler": "uniform"}},
             "selection": {"metric": "ndcg@20", "seeds": [2020],
@@ -304,12 +306,17 @@ def test_the_chosen_settings_table_gives_recall_at_the_selection_metrics_cutoff(
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     cell, = run.load_grid(path, seeds=[2020])
-    record = {"key": cell.key, "status": "ok", "best_epoch": 3, "epochs": 9, "valid": {"ndcg@20": 0.2},
+    record = {"key": cell.key, "status": "ok", "best_epoch": 4, "epochs": 29, "valid": {"ndcg@20": 0.2},
               "test": {"ndcg@20": 0.1234, "recall@20": 0.4321, "recall@10": 0.9999}}
     evidence, = converged.build(str(path), {cell.key: record})
     text = "\n".join(converged.render_dataset(evidence))
     assert "| test ndcg@20 | test recall@20 |" in text
     assert "0.4321" in text and "0.9999" not in text
+    assert "| 0.2000 | 0.1234 | 4 first! | 29 |" in text and "after epoch 4, so the peak may lie before it" in text
+    record["best_epoch"] = 9  # the second validation: a peak inside the schedule
+    evidence, = converged.build(str(path), {cell.key: record})
+    text = "\n".join(converged.render_dataset(evidence))
+    assert "| 0.2000 | 0.1234 | 9 | 29 |" in text and "9 first!" not in text
 
 
 def test_a_converged_page_goes_where_its_grids_say_and_never_over_another_grids(tmp_path):
