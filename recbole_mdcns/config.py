@@ -26,6 +26,9 @@ NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
 # CORE is CE-only, the CPR models exit when given BPR.
+# fewer users than this per full-sort evaluation batch of a general model: validation >= 1.4x its time at 256 users
+# (BPR-MF and LightGCN on Amazon Beauty, benchmarks/studies/general_eval_batch.md)
+FEW_EVAL_USERS = 16
 NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
 
 
@@ -251,7 +254,8 @@ def _check_positions(config: Config) -> None:
 
 
 def check_catalogue(config: Config, dataset) -> None:
-    """Checks that need the item count: the pool must fit in the catalogue."""
+    """Checks that need the item count: the pool must fit in the catalogue (and :func:`warn_few_eval_users`)."""
+    warn_few_eval_users(config, dataset)
     if config["neg_sampler"] == "recbole":
         return
     n_items = dataset.item_num - 1
@@ -264,6 +268,23 @@ def check_catalogue(config: Config, dataset) -> None:
     if config["model"] == "NCL" and not 1 <= config["num_clusters"] <= clustered:
         raise ValueError(f"num_clusters must be in [1, {clustered}] for NCL on {config['dataset']} (its e_step clusters "
                          f"the users and the items into num_clusters prototypes each), got {config['num_clusters']}")
+
+
+def warn_few_eval_users(config: Config, dataset) -> None:
+    """Warn when RecBole's full-sort evaluation of a general model scores fewer than :data:`FEW_EVAL_USERS` users a
+    batch: for these models RecBole's ``eval_batch_size`` counts user x item scores, ``eval_batch_size // item_num``
+    users a batch (at least one), not users; the metrics do not depend on it."""
+    modes = config["eval_args"]["mode"]
+    users = max(config["eval_batch_size"] // dataset.item_num, 1)
+    if (config["MODEL_TYPE"] == ModelType.SEQUENTIAL or "full" not in modes.values() or users >= FEW_EVAL_USERS
+            or rank_zero_only.rank != 0):
+        return
+    getLogger().warning(
+        f"eval_batch_size: {config['eval_batch_size']} scores {users} user(s) a batch in RecBole's full-sort evaluation "
+        f"of the general model {config['model']} (eval_batch_size counts user x item scores there: "
+        f"eval_batch_size // {dataset.item_num} items); one validation of Amazon Beauty took 6-7x as long at one user "
+        f"a batch as at 256. eval_batch_size: {256 * dataset.item_num} scores 256 users a batch "
+        f"({256 * dataset.item_num * 4 / 2 ** 20:.0f} MiB of float32 scores); the metrics are the same")
 
 
 def _resolve_device(config: Config) -> None:

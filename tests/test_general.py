@@ -315,3 +315,22 @@ def test_wide_pool_scored_from_the_batchs_distinct_users(tiny_data, in_tmp):
         scorer.end_step()
     assert torch.allclose(got, expected, atol=1e-5)
     assert synthesis_is_exact(scorer)  # still h · v: DENS's gating and DivNS's mixing on scores hold
+
+
+@pytest.mark.parametrize(("model_name", "sampler", "eval_batch_size", "warned"), [
+    ("BPR", "recbole", 61 * 2, True),  # 2 users a batch of the 61 items (60 and RecBole's padding id); plain RecBole
+    ("BPR", "dns", 61 * 2, True),
+    ("BPR", "dns", 61 * 16, False),
+    ("SASRec", "dns", 2, False),        # a sequential model's eval_batch_size counts rows
+])
+def test_few_users_per_full_sort_batch_are_warned(tiny_data, in_tmp, caplog, model_name, sampler, eval_batch_size,
+                                                  warned):
+    settings = (general_config(tiny_data, in_tmp, model_name) if model_name == "BPR" else tiny_config(tiny_data, in_tmp))
+    config = create_config(model_name, "tiny", config_dict={**settings, "neg_sampler": sampler,
+                                                           "eval_batch_size": eval_batch_size, "candidate_num": 10})
+    with caplog.at_level("WARNING"):
+        load_data(config)
+    message = (f"eval_batch_size: {eval_batch_size} scores 2 user(s) a batch in RecBole's full-sort evaluation of "
+               f"the general model BPR")
+    assert (message in caplog.text) is warned
+    assert ("eval_batch_size: 15616 scores 256 users a batch" in caplog.text) is warned
