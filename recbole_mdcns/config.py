@@ -26,9 +26,10 @@ NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
 # CORE is CE-only, the CPR models exit when given BPR.
-# fewer users than this per full-sort evaluation batch of a general model: validation >= 1.4x its time at 256 users
-# (BPR-MF and LightGCN on Amazon Beauty, benchmarks/studies/general_eval_batch.md)
-FEW_EVAL_USERS = 16
+# A general model's full-sort evaluation batch with fewer users than FEW_EVAL_USERS, over more than MANY_EVAL_BATCHES
+# batches: a validation >= 1.4x its time at 256 users a batch, ~1 ms a batch more (BPR-MF and LightGCN on Amazon
+# Beauty, benchmarks/studies/general_eval_batch.md)
+FEW_EVAL_USERS, MANY_EVAL_BATCHES = 16, 1000
 NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
 
 
@@ -272,12 +273,13 @@ def check_catalogue(config: Config, dataset) -> None:
 
 def warn_few_eval_users(config: Config, dataset) -> None:
     """Warn when RecBole's full-sort evaluation of a general model scores fewer than :data:`FEW_EVAL_USERS` users a
-    batch: for these models RecBole's ``eval_batch_size`` counts user x item scores, ``eval_batch_size // item_num``
-    users a batch (at least one), not users; the metrics do not depend on it."""
+    batch in more than :data:`MANY_EVAL_BATCHES` batches: for these models RecBole's ``eval_batch_size`` counts
+    user x item scores, ``eval_batch_size // item_num`` users a batch (at least one), not users; the metrics do not
+    depend on it."""
     modes = config["eval_args"]["mode"]
     users = max(config["eval_batch_size"] // dataset.item_num, 1)
     if (config["MODEL_TYPE"] == ModelType.SEQUENTIAL or "full" not in modes.values() or users >= FEW_EVAL_USERS
-            or rank_zero_only.rank != 0):
+            or dataset.user_num / users <= MANY_EVAL_BATCHES or rank_zero_only.rank != 0):
         return
     getLogger().warning(
         f"eval_batch_size: {config['eval_batch_size']} scores {users} user(s) a batch in RecBole's full-sort evaluation "

@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 from recbole.utils import get_model, init_seed
 
-from conftest import tiny_config
+from conftest import tiny_config, write_dataset
 from recbole_mdcns.config import create_config
 from recbole_mdcns.data import CANDIDATES, candidate_train_loader
 from recbole_mdcns.general import GENERAL_MODELS, GeneralScorer
@@ -317,20 +318,28 @@ def test_wide_pool_scored_from_the_batchs_distinct_users(tiny_data, in_tmp):
     assert synthesis_is_exact(scorer)  # still h · v: DENS's gating and DivNS's mixing on scores hold
 
 
-@pytest.mark.parametrize(("model_name", "sampler", "eval_batch_size", "warned"), [
-    ("BPR", "recbole", 61 * 2, True),  # 2 users a batch of the 61 items (60 and RecBole's padding id); plain RecBole
-    ("BPR", "dns", 61 * 2, True),
-    ("BPR", "dns", 61 * 16, False),
-    ("SASRec", "dns", 2, False),        # a sequential model's eval_batch_size counts rows
+@pytest.fixture(scope="module")
+def many_users_data(tmp_path_factory) -> Path:
+    """1,200 users of the tiny dataset's 60 items: 1,200 full-sort evaluation batches at one user a batch."""
+    return write_dataset(tmp_path_factory.mktemp("many"), n_users=1200, min_len=3, max_len=5)
+
+
+@pytest.mark.parametrize(("model_name", "sampler", "data", "eval_batch_size", "warned"), [
+    ("BPR", "recbole", "many", 61, True),  # one user a batch of the 61 items (60 and RecBole's padding id): plain RecBole
+    ("BPR", "dns", "many", 61 * 2, False),  # 600 batches
+    ("BPR", "dns", "many", 61, True),
+    ("BPR", "dns", "tiny", 61, False),  # 40 batches
+    ("SASRec", "dns", "many", 1, False),  # a sequential model's eval_batch_size counts rows
 ])
-def test_few_users_per_full_sort_batch_are_warned(tiny_data, in_tmp, caplog, model_name, sampler, eval_batch_size,
-                                                  warned):
-    settings = (general_config(tiny_data, in_tmp, model_name) if model_name == "BPR" else tiny_config(tiny_data, in_tmp))
+def test_few_users_per_full_sort_batch_are_warned(tiny_data, many_users_data, in_tmp, caplog, model_name, sampler,
+                                                  data, eval_batch_size, warned):
+    path = many_users_data if data == "many" else tiny_data
+    settings = general_config(path, in_tmp, model_name) if model_name == "BPR" else tiny_config(path, in_tmp)
     config = create_config(model_name, "tiny", config_dict={**settings, "neg_sampler": sampler,
                                                            "eval_batch_size": eval_batch_size, "candidate_num": 10})
     with caplog.at_level("WARNING"):
         load_data(config)
-    message = (f"eval_batch_size: {eval_batch_size} scores 2 user(s) a batch in RecBole's full-sort evaluation of "
-               f"the general model BPR")
+    message = ("eval_batch_size: 61 scores 1 user(s) a batch in RecBole's full-sort evaluation of the general model "
+               "BPR (eval_batch_size counts user x item scores there: eval_batch_size // 61 items)")
     assert (message in caplog.text) is warned
     assert ("eval_batch_size: 15616 scores 256 users a batch" in caplog.text) is warned
