@@ -86,6 +86,11 @@ RESULT_TAG = "BENCHMARK_CELL_DONE "
 SPLIT_DATA = REPO_ROOT / "benchmarks" / ".work" / "data"  # user_split: datasets' files, rebuilt when absent
 USER_SPLIT = "user_split"
 USER_SPLIT_OPTIONS = ("inter", "seed", "ratios", "assignment", "heldout", "max_len")
+# glibc keeps freed blocks up to 4 GiB in the heap instead of returning each large one to the kernel, which then
+# zeroes fresh pages for it at the next step: a third of the CPU time of a SASRec run on prefix rows, whose epochs
+# take 0.69x as long with both set (benchmarks/studies/cpu_malloc.md).
+# Read when a process starts; ignored by other C libraries; the results do not depend on it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 PARKED = REPO_ROOT / "benchmarks" / "parked"  # unfinished cells' checkpoints, committed between sessions
 
 
@@ -406,7 +411,8 @@ def run_cell(cell: Cell, workdir: Path, command: str, isolated: bool = False, re
     config = cell.run_config(workdir, resume=resume)
     record = {"schema": SCHEMA, "key": cell.key, "group": cell.group, "cell": _cell_fields(cell),
               "config": cell.config, "run_config": config, "command": command, "git": git_state(),
-              "versions": versions(), "started_at": _now(), "resumed_from": config.get("resume_from")}
+              "versions": versions(), "started_at": _now(), "resumed_from": config.get("resume_from"),
+              "malloc_env": {name: os.environ.get(name) for name in MALLOC_ENV}}
     start = time.perf_counter()
     probe = TrainingProbe()
     peak = None
@@ -508,8 +514,9 @@ def _result_fields(result: dict, info: dict, train_info: dict | None) -> dict:
 
 # ------------------------------------------------------------------------------- orchestration
 def _child_env() -> dict:
+    """The cells' environment: this one, the repository on ``PYTHONPATH``, and :data:`MALLOC_ENV` where unset."""
     paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return {**MALLOC_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def run_cell_subprocess(cell: Cell, workdir: Path, command: str, timeout: float | None,

@@ -86,6 +86,9 @@ def test_smoke_grid_resume_and_report(tmp_path, monkeypatch):
             for metric in ("ndcg@10", "recall@5", "ndcg@20"):
                 assert converged.user_values(ranks[split], metric).mean() == pytest.approx(r[split][metric], abs=1e-4)
     assert [r["isolation"] for r in records] == ["in-process"] * 3 + ["subprocess"]
+    # the cell process keeps glibc's large blocks in its heap, unless the environment says otherwise
+    assert records[-1]["malloc_env"] == {name: os.environ.get(name, value) for name, value in run.MALLOC_ENV.items()}
+    assert records[0]["malloc_env"] == {name: os.environ.get(name) for name in run.MALLOC_ENV}
 
     out = report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
     text = out.read_text()
