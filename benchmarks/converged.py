@@ -325,7 +325,8 @@ def render_dataset(e: Evidence) -> list[str]:
     recall_at = "recall@" + m.split("@")[1]  # Recall at the selection metric's cutoff (@10 sequential, @20 general)
     lines += ["", f"### Chosen settings over seeds {', '.join(map(str, e.seeds))}", "",
               f"Test {m.upper()} and {recall_at.capitalize()}, mean ± std over the seeds run (n); validation "
-              f"{m.upper()} likewise; best epochs per seed. Paired difference: test {m.upper()} minus the best baseline's "
+              f"{m.upper()} likewise; best epochs per seed. Paired difference: test {m.upper()} minus the best "
+              f"baseline's "
               f"(**{base.name if base else '–'}**, best mean validation among baselines) on the same seed.", "",
               f"| method | setting | test {m} | test {recall_at} | valid {m} | best epochs | vs best baseline |",
               "|---|---|---|---|---|---|---|"]

@@ -24,12 +24,12 @@ from recbole_mdcns.registry import available_samplers, get_sampler
 
 NEG_LOSSES = ("bpr", "bce", "softmax")
 CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
+# A general model's full-sort evaluation batch with fewer users than FEW_EVAL_USERS, over more than MANY_EVAL_BATCHES
+# batches: a validation >= 1.4x its time at EVAL_USERS a batch, ~1 ms a batch more (BPR-MF and LightGCN on Amazon
+# Beauty, benchmarks/studies/general_eval_batch.md)
+FEW_EVAL_USERS, MANY_EVAL_BATCHES, EVAL_USERS = 16, 1000, 256
 # No sampled-negative (BPR) mode in RecBole: DIN, DIEN, RepeatNet are point-wise,
 # CORE is CE-only, the CPR models exit when given BPR.
-# A general model's full-sort evaluation batch with fewer users than FEW_EVAL_USERS, over more than MANY_EVAL_BATCHES
-# batches: a validation >= 1.4x its time at 256 users a batch, ~1 ms a batch more (BPR-MF and LightGCN on Amazon
-# Beauty, benchmarks/studies/general_eval_batch.md)
-FEW_EVAL_USERS, MANY_EVAL_BATCHES = 16, 1000
 NO_BPR_MODELS = ("DIN", "DIEN", "CORE", "RepeatNet", "GRU4RecCPR", "SASRecCPR")
 
 
@@ -281,12 +281,13 @@ def warn_few_eval_users(config: Config, dataset) -> None:
     if (config["MODEL_TYPE"] == ModelType.SEQUENTIAL or "full" not in modes.values() or users >= FEW_EVAL_USERS
             or dataset.user_num / users <= MANY_EVAL_BATCHES or rank_zero_only.rank != 0):
         return
+    scores = EVAL_USERS * dataset.item_num
     getLogger().warning(
-        f"eval_batch_size: {config['eval_batch_size']} scores {users} user(s) a batch in RecBole's full-sort evaluation "
-        f"of the general model {config['model']} (eval_batch_size counts user x item scores there: "
+        f"eval_batch_size: {config['eval_batch_size']} scores {users} user(s) a batch in RecBole's full-sort "
+        f"evaluation of the general model {config['model']} (eval_batch_size counts user x item scores there: "
         f"eval_batch_size // {dataset.item_num} items); one validation of Amazon Beauty took 6-7x as long at one user "
-        f"a batch as at 256. eval_batch_size: {256 * dataset.item_num} scores 256 users a batch "
-        f"({256 * dataset.item_num * 4 / 2 ** 20:.0f} MiB of float32 scores); the metrics are the same")
+        f"a batch as at {EVAL_USERS}. eval_batch_size: {scores} scores {EVAL_USERS} users a batch "
+        f"({scores * 4 / 2 ** 20:.0f} MiB of float32 scores); the metrics are the same")
 
 
 def _resolve_device(config: Config) -> None:

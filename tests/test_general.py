@@ -325,7 +325,8 @@ def many_users_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("model_name", "sampler", "data", "eval_batch_size", "warned"), [
-    ("BPR", "recbole", "many", 61, True),  # one user a batch of the 61 items (60 and RecBole's padding id): plain RecBole
+    # one user a batch of the 61 item ids (60 items and RecBole's padding id), under plain RecBole
+    ("BPR", "recbole", "many", 61, True),
     ("BPR", "dns", "many", 61 * 2, False),  # 600 batches
     ("BPR", "dns", "many", 61, True),
     ("BPR", "dns", "tiny", 61, False),  # 40 batches

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, describe_device, git_state, to_jsonable
-from benchmarks.run import MALLOC_ENV
+from benchmarks.run import MALLOC_ENV, _child_env
 
 SETTINGS = {"MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 1024, "hidden_size": 64, "embedding_size": 64,
             "inner_size": 256, "n_layers": 2, "n_heads": 2, "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5,
@@ -59,9 +58,8 @@ def child(dataset: str, data_path: str, positions: str, epochs: int) -> dict:
 
 
 def measure(args, positions: str, heap: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    env.update(MALLOC_ENV if heap else {})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in _child_env().items() if k not in MALLOC_ENV}  # the harness's cell environment, ...
+    env.update(MALLOC_ENV if heap else {})  # ... with the two variables set or unset, whatever this one holds
     argv = [sys.executable, "-m", "benchmarks.studies.cpu_malloc", "--child", "--dataset", args.dataset,
             "--data-path", args.data_path, "--positions", positions, "--epochs", str(args.epochs)]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
@@ -95,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         cpu = {label: summary[label]["user_seconds"] + summary[label]["system_seconds"] for label in summary}
         results.append({"positions": positions, "runs": {"mmap": runs[False], "heap": runs[True]},
                         "median": summary, "cpu_ratio_heap_over_mmap": cpu["heap"] / cpu["mmap"],
-                        "epoch_ratio_heap_over_mmap": summary["heap"]["epoch_seconds"] / summary["mmap"]["epoch_seconds"]})
+                        "epoch_ratio_heap_over_mmap":
+                            summary["heap"]["epoch_seconds"] / summary["mmap"]["epoch_seconds"]})
         print(f"train_positions: {positions}: epoch {summary['mmap']['epoch_seconds']:.1f} s -> "
               f"{summary['heap']['epoch_seconds']:.1f} s; system CPU {summary['mmap']['system_seconds']:.1f} s -> "
               f"{summary['heap']['system_seconds']:.1f} s; CPU time x{cpu['heap'] / cpu['mmap']:.2f}; peak RSS "

@@ -1,7 +1,8 @@
 """Question: How long does RecBole's full-sort validation of a general model take as a function of the users it
 scores per batch (``eval_batch_size // item_num``: for general models RecBole's ``eval_batch_size`` counts user x
 item scores, not users), and are the metrics the same?
-Result: ``benchmarks/results/general_eval_batch-<dataset>-cpu.json``; findings: benchmarks/studies/general_eval_batch.md.
+Result: ``benchmarks/results/general_eval_batch-<dataset>-cpu.json``;
+findings: benchmarks/studies/general_eval_batch.md.
 
 One process, one thread: the dataset split as ``grids/general_beauty.yaml`` splits it (RecBole's random 80/10/10), a
 model at the grids' size (64-d; LightGCN 3 layers; random weights: the metrics' equality does not depend on
@@ -42,24 +43,26 @@ def main(argv: list[str] | None = None) -> dict:
     from recbole_mdcns.quick_start import build_model, build_trainer, load_data
 
     saved = tempfile.mkdtemp()
+
+    def load(model_name: str, eval_batch_size: int) -> tuple:
+        settings = {"data_path": args.data_path, "embedding_size": 64, "n_layers": 3,
+                    "eval_batch_size": eval_batch_size, "load_col": {"inter": ["user_id", "item_id"]},
+                    "metrics": ["Recall", "NDCG"], "topk": [20],
+                    "valid_metric": "NDCG@20", "metric_decimal_place": 8, "neg_sampler": "uniform",
+                    "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "mode": "full", "group_by": "user"},
+                    "show_progress": False, "state": "ERROR", "seed": 2020, "checkpoint_dir": saved}
+        config = create_config(model_name, args.dataset, config_dict=settings)
+        init_seed(config["seed"], config["reproducibility"])  # the same split for every loader
+        return (config, *load_data(config))
+
+    item_num = load(args.models[0], 1)[1].item_num
     results = []
     for model_name in args.models:
-        loaders, trainer, item_num = {}, None, None
-        for users in [None, *args.users]:  # None: a first load, for the item count
-            settings = {"data_path": args.data_path, "embedding_size": 64, "n_layers": 3,
-                        "eval_batch_size": users * item_num if users else 1,
-                        "load_col": {"inter": ["user_id", "item_id"]}, "metrics": ["Recall", "NDCG"], "topk": [20],
-                        "valid_metric": "NDCG@20", "metric_decimal_place": 8, "neg_sampler": "uniform",
-                        "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "mode": "full",
-                                      "group_by": "user"},
-                        "show_progress": False, "state": "ERROR", "seed": 2020, "checkpoint_dir": saved}
-            config = create_config(model_name, args.dataset, config_dict=settings)
-            init_seed(config["seed"], config["reproducibility"])  # the same split for every loader
-            dataset, train, valid, _ = load_data(config)
-            item_num = dataset.item_num
-            if users:
-                loaders[users] = valid
-                trainer = trainer or build_trainer(config, build_model(config, train))
+        loaders, trainer = {}, None
+        for users in args.users:
+            config, _, train, valid, _ = load(model_name, users * item_num)
+            loaders[users] = valid
+            trainer = trainer or build_trainer(config, build_model(config, train))
         seconds = {users: [] for users in loaders}
         metrics = {users: dict(trainer.evaluate(valid, load_best_model=False)) for users, valid in loaders.items()}
         for _ in range(args.rounds):
